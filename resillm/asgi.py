@@ -1,0 +1,44 @@
+"""ASGI type aliases and the few response helpers every layer shares."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+
+
+def route_path(scope: Scope) -> str:
+    """The path inside the app: ``root_path`` removed when the host left it in ``path``."""
+    path: str = scope.get("path", "/")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of a request header (``name`` in lower case)."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value)
+    return None
+
+
+async def send_json(send: Send, status: int, body: bytes, headers: Headers | None = None) -> None:
+    """A whole JSON response in two messages."""
+    response_headers: Headers = [
+        JSON_CONTENT_TYPE,
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if headers:
+        response_headers.extend(headers)
+    await send({"type": "http.response.start", "status": status, "headers": response_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,61 @@
+"""Per-request state shared by the middleware and the router, at ``scope["resillm"]``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from resillm.config import ClientKeyConfig
+    from resillm.schema import ChatCompletionRequest, Usage
+
+SCOPE_KEY = "resillm"
+
+
+class RequestContext:
+    """What one request learned on its way through the layers; read by logs and metrics."""
+
+    __slots__ = (
+        "alias",
+        "attempts",
+        "body",
+        "cache",
+        "client_key",
+        "error",
+        "provider",
+        "raw",
+        "request",
+        "request_id",
+        "route",
+        "started",
+        "status",
+        "stream",
+        "ttft_s",
+        "upstream_model",
+        "usage",
+    )
+
+    def __init__(self, request_id: str, route: str) -> None:
+        self.request_id = request_id
+        self.route = route
+        self.started = time.monotonic()
+        self.body = b""
+        self.raw: dict[str, Any] | None = None
+        self.request: ChatCompletionRequest | None = None
+        self.alias: str | None = None
+        self.stream = False
+        self.client_key: ClientKeyConfig | None = None
+        self.provider: str | None = None
+        self.upstream_model: str | None = None
+        self.attempts = 0
+        self.usage: Usage | None = None
+        self.ttft_s: float | None = None
+        self.status = 0
+        self.error: str | None = None
+        self.cache: str | None = None
+
+    @staticmethod
+    def of(scope: MutableMapping[str, Any]) -> RequestContext:
+        ctx: RequestContext = scope[SCOPE_KEY]
+        return ctx
