@@ -1,0 +1,1 @@
+"""Provider adapters: each turns a canonical (OpenAI-shaped) call into one upstream's API."""
