@@ -1,0 +1,1 @@
+"""Raw-ASGI middleware layers, one a module; composed in :mod:`resillm.app`."""

@@ -1,0 +1,118 @@
+"""Request id, the body read once under ``max_request_bytes``, and the request parsed once.
+
+Sets up the :class:`RequestContext` every later layer reads. Only POST bodies are read;
+chat completion bodies are decoded and validated here, so no other layer parses JSON.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import msgspec
+
+from resillm.asgi import ASGIApp, Message, Receive, Scope, Send, header, route_path
+from resillm.context import SCOPE_KEY, RequestContext
+from resillm.errors import InvalidRequest, RequestTooLarge
+from resillm.schema import ChatCompletionRequest, json_decoder
+
+CHAT_COMPLETIONS = "/v1/chat/completions"
+_CLIENT_ID_RE = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_AT_RE = re.compile(r"^(.*) - at `\$\.?(.*)`$", re.S)
+
+
+class ClientDisconnected(Exception):
+    """The client left while its request body was still arriving."""
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, *, max_request_bytes: int) -> None:
+        self.app = app
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = route_path(scope)
+        given = header(scope, b"x-request-id")
+        request_id = (
+            given.decode()
+            if given and _CLIENT_ID_RE.fullmatch(given)
+            else f"req_{uuid.uuid4().hex}"
+        )
+        ctx = RequestContext(request_id, route)
+        scope[SCOPE_KEY] = ctx
+        id_header = (b"x-request-id", request_id.encode())
+
+        async def send_with_request_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        if scope["method"] == "POST":
+            try:
+                ctx.body = await self.read_body(scope, receive)
+            except ClientDisconnected:
+                ctx.status = 499
+                return
+            if route == CHAT_COMPLETIONS:
+                parse_chat_request(ctx)
+        await self.app(scope, receive, send_with_request_id)
+
+    async def read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.max_request_bytes
+        declared = header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestTooLarge(f"request body is over the {limit}-byte limit")
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise RequestTooLarge(f"request body is over the {limit}-byte limit")
+                parts.append(chunk)
+            if not message.get("more_body", False):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def parse_chat_request(ctx: RequestContext) -> None:
+    """Decode and validate a chat completion body into the context; 400 on any mistake."""
+    if not ctx.body:
+        raise InvalidRequest("request body is empty; send a JSON chat completion request")
+    try:
+        raw: Any = json_decoder.decode(ctx.body)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    try:
+        request = msgspec.convert(raw, ChatCompletionRequest)
+    except msgspec.ValidationError as exc:
+        message, param = _split_validation_error(str(exc))
+        raise InvalidRequest(message, param=param) from None
+    ctx.raw = raw
+    ctx.request = request
+    ctx.alias = request.model
+    ctx.stream = bool(request.stream)
+
+
+def _split_validation_error(text: str) -> tuple[str, str | None]:
+    match = _AT_RE.match(text)
+    if match is None:
+        missing = re.match(r"Object missing required field `(.*)`", text)
+        if missing:
+            return f"missing required parameter '{missing.group(1)}'", missing.group(1)
+        return text, None
+    message, param = match.group(1), match.group(2)
+    missing = re.match(r"Object missing required field `(.*)`", message)
+    if missing:
+        param = f"{param}.{missing.group(1)}" if param else missing.group(1)
+        return f"missing required parameter '{param}'", param
+    return f"invalid '{param}': {message}", param

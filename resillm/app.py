@@ -1,0 +1,233 @@
+"""The composition root: the gateway ASGI app, its middleware order, lifespan and routes.
+
+``Gateway`` is what ``create_app`` returns. It owns the process's HTTP session and the
+running ``Runtime`` (one config made runnable); a reload builds a new ``Runtime`` and swaps
+it in one assignment, so requests in flight finish on the one they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from middleware.access_log import AccessLogMiddleware
+from middleware.auth import AuthMiddleware
+from middleware.errors import ErrorsMiddleware
+from middleware.request import CHAT_COMPLETIONS, RequestMiddleware
+from providers.base import Provider
+from providers.http import create_session
+from providers.registry import build_provider
+from resillm.asgi import ASGIApp, Receive, Scope, Send, route_path, send_json
+from resillm.config import Config
+from resillm.config_loader import (
+    ConfigError,
+    config_from_dict,
+    default_config_path,
+    load_config,
+)
+from resillm.context import RequestContext
+from resillm.errors import MethodNotAllowed, NotFound
+from resillm.router import Route, Router, build_routes
+from resillm.schema import ModelCard, ModelList, json_encoder
+
+logger = logging.getLogger("resillm")
+_HEALTH_BODY = b'{"status":"ok"}'
+
+
+class TargetStatus(msgspec.Struct):
+    provider: str
+    model: str
+    available: bool
+
+
+class AliasStatus(msgspec.Struct):
+    ready: bool
+    targets: list[TargetStatus]
+
+
+class ReadyStatus(msgspec.Struct):
+    status: str
+    models: dict[str, AliasStatus]
+
+
+class Runtime:
+    """One config made runnable: providers bound to targets, and the composed ASGI stacks."""
+
+    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.providers: dict[str, Provider] = {
+            name: build_provider(name, provider, session)
+            for name, provider in config.providers.items()
+        }
+        self.routes = build_routes(config, self.providers)
+        self.router = Router(self.routes, config.resilience.timeouts)
+        self.v1 = self.v1_stack()
+        self.ops = ErrorsMiddleware(self.ops_endpoints)
+
+    def v1_stack(self) -> ASGIApp:
+        config = self.config
+        layers: list[Callable[[ASGIApp], ASGIApp]] = [  # outermost first
+            ErrorsMiddleware,
+            partial(AccessLogMiddleware, config=config.logging),
+            partial(RequestMiddleware, max_request_bytes=config.server.max_request_bytes),
+            partial(AuthMiddleware, keys=config.auth.keys, aliases=self.routes.keys()),
+        ]
+        app: ASGIApp = self.v1_endpoints
+        for layer in reversed(layers):
+            app = layer(app)
+        return app
+
+    async def v1_endpoints(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = RequestContext.of(scope)
+        method = scope["method"]
+        if ctx.route == CHAT_COMPLETIONS:
+            if method != "POST":
+                raise MethodNotAllowed(f"{CHAT_COMPLETIONS} takes POST")
+            await self.router(scope, receive, send)
+        elif ctx.route in ("/v1/models", "/v1/models/"):
+            if method != "GET":
+                raise MethodNotAllowed("/v1/models takes GET")
+            await send_json(send, 200, self.model_list(ctx))
+        else:
+            raise NotFound(f"no such endpoint: {method} {ctx.route}")
+
+    def model_list(self, ctx: RequestContext) -> bytes:
+        allowed = ctx.client_key.models if ctx.client_key is not None else None
+        cards = [ModelCard(id=a) for a in self.routes if allowed is None or a in allowed]
+        return json_encoder.encode(ModelList(data=cards))
+
+    async def ops_endpoints(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = route_path(scope)
+        if path == "/health":
+            await send_json(send, 200, _HEALTH_BODY)
+        elif path == "/ready":
+            status = self.readiness()
+            code = 200 if status.status == "ready" else 503
+            await send_json(send, code, json_encoder.encode(status))
+        else:
+            raise NotFound(f"no such endpoint: {scope.get('method')} {path}")
+
+    def readiness(self) -> ReadyStatus:
+        models = {alias: _alias_status(route) for alias, route in self.routes.items()}
+        ready = all(status.ready for status in models.values())
+        return ReadyStatus(status="ready" if ready else "unavailable", models=models)
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()
+
+
+def _alias_status(route: Route) -> AliasStatus:
+    targets = [
+        TargetStatus(provider=t.provider, model=t.model, available=True) for t in route.targets
+    ]
+    return AliasStatus(ready=any(t.available for t in targets), targets=targets)
+
+
+class Gateway:
+    """The ASGI app. Starts on ``lifespan.startup``, through ``gateway.lifespan`` for hosts
+    that do not forward lifespan to mounts, or lazily on its first request."""
+
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.runtime: Runtime | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._start_lock = asyncio.Lock()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan_protocol(receive, send)
+            return
+        if kind != "http":
+            if kind == "websocket":
+                await send({"type": "websocket.close", "code": 1000})
+            return
+        runtime = self.runtime or await self.start()
+        if route_path(scope).startswith("/v1/"):
+            await runtime.v1(scope, receive, send)
+        else:
+            await runtime.ops(scope, receive, send)
+
+    async def start(self) -> Runtime:
+        async with self._start_lock:
+            if self.runtime is None:
+                self._session = create_session()
+                self.runtime = Runtime(self.config, self._session)
+                if not self.config.auth.keys:
+                    logger.warning(
+                        "no auth.keys configured: the /v1 routes are open to anyone who can "
+                        "reach this address"
+                    )
+            return self.runtime
+
+    async def reload(self) -> bool:
+        """Re-read the config file and swap it in; an invalid file changes nothing.
+
+        Requests in flight keep the runtime they started with. ``server.*`` needs a restart.
+        """
+        if self.config_path is None:
+            return False
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            logger.error("config reload failed, the running config stays:\n%s", exc)
+            return False
+        if config.server != self.config.server:
+            logger.warning("server.* changed in %s: restart to apply it", self.config_path)
+        self.config = config
+        if self.runtime is not None and self._session is not None:
+            self.runtime = Runtime(config, self._session)
+        logger.info("config reloaded from %s", self.config_path)
+        return True
+
+    async def stop(self) -> None:
+        runtime, session = self.runtime, self._session
+        self.runtime, self._session = None, None
+        if runtime is not None:
+            await runtime.aclose()
+        if session is not None:
+            await session.close()
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """For hosts: ``Starlette(..., lifespan=gateway.lifespan)``."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def _lifespan_protocol(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:
+                    logger.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(config: str | os.PathLike[str] | dict[str, Any] | Config | None = None) -> Gateway:
+    if isinstance(config, Config):
+        return Gateway(config)
+    if isinstance(config, dict):
+        return Gateway(config_from_dict(config))
+    path = os.fspath(config) if config is not None else default_config_path()
+    return Gateway(load_config(path), path)

@@ -1,0 +1,157 @@
+"""Run the gateway as a server: hypercorn (default) or uvicorn, one process or several.
+
+One worker runs in this process on uvloop when it is installed; SIGTERM and SIGINT stop
+accepting and let in-flight requests and streams finish (up to
+``server.graceful_timeout``), SIGHUP reloads the config. Several workers are hypercorn's
+processes sharing one socket, each building its gateway from ``$RESILLM_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from resillm.app import Gateway
+from resillm.config import Config
+from resillm.config_loader import ConfigError, load_config
+from resillm.log import configure_logging
+
+logger = logging.getLogger("resillm.server")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    config_path: str
+    host: str | None = None
+    port: int | None = None
+    workers: int | None = None
+    server: str = "hypercorn"
+
+
+def has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """``asyncio.run`` on uvloop when it is installed."""
+    if has_uvloop():
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+def bind_listener(host: str, port: int) -> tuple[str, int]:
+    """Bind here, not in hypercorn, so port 0 works and the real port can be printed.
+
+    Returns hypercorn's ``fd://N`` bind (hypercorn takes the descriptor over) and the port.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    bound_port = int(sock.getsockname()[1])
+    return f"fd://{sock.detach()}", bound_port
+
+
+def hypercorn_config(config: Config, bind: list[str]) -> Any:
+    from hypercorn.config import Config as HypercornConfig
+
+    hyper = HypercornConfig()
+    hyper.bind = bind
+    hyper.graceful_timeout = config.server.graceful_timeout
+    hyper.accesslog = None  # resillm writes its own structured access log
+    hyper.errorlog = logging.getLogger("resillm.hypercorn")
+    hyper.keep_alive_timeout = 75.0  # longer than nginx's upstream keepalive default
+    hyper.keep_alive_max_requests = 100_000
+    hyper.include_server_header = False
+    hyper.h11_max_incomplete_size = 64 * 1024
+    return hyper
+
+
+def serve(options: ServeOptions) -> int:
+    try:
+        config = load_config(options.config_path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    configure_logging(config.logging)
+    host = options.host or config.server.host
+    port = config.server.port if options.port is None else options.port
+    workers = options.workers or config.server.workers
+    if options.server == "uvicorn":
+        return _serve_uvicorn(options.config_path, config, host, port, workers)
+    bind, bound_port = bind_listener(host, port)
+    shown_host = f"[{host}]" if ":" in host else host
+    plural = f" with {workers} workers" if workers > 1 else ""
+    print(f"resillm serving on http://{shown_host}:{bound_port}{plural}", file=sys.stderr)
+    sys.stderr.flush()
+    hyper = hypercorn_config(config, [bind])
+    if workers > 1:
+        return _serve_hypercorn_workers(options.config_path, hyper, workers)
+    gateway = Gateway(config, options.config_path)
+    run_loop(lambda: _serve_one(gateway, hyper))
+    return 0
+
+
+async def _serve_one(gateway: Gateway, hyper: Any) -> None:
+    from hypercorn.asyncio import serve as hypercorn_serve
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gateway.reload()))
+    await hypercorn_serve(gateway, hyper, shutdown_trigger=stopping.wait)  # type: ignore[arg-type]
+
+
+def _serve_hypercorn_workers(path: str, hyper: Any, workers: int) -> int:
+    from hypercorn.run import run
+
+    os.environ["RESILLM_CONFIG"] = os.path.abspath(path)
+    hyper.application_path = "resillm.server:worker_app()"
+    hyper.workers = workers
+    hyper.worker_class = "uvloop" if has_uvloop() else "asyncio"
+    return int(run(hyper))
+
+
+def _serve_uvicorn(path: str, config: Config, host: str, port: int, workers: int) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        print("uvicorn is not installed: pip install 'resillm[uvicorn]'", file=sys.stderr)
+        return 1
+    os.environ["RESILLM_CONFIG"] = os.path.abspath(path)
+    uvicorn.run(
+        "resillm.server:worker_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+        timeout_graceful_shutdown=int(config.server.graceful_timeout),
+        loop="uvloop" if has_uvloop() else "asyncio",
+    )
+    return 0
+
+
+def worker_app() -> Gateway:
+    """The app factory a worker process calls (hypercorn ``--workers``, uvicorn)."""
+    path = os.environ["RESILLM_CONFIG"]
+    config = load_config(path)
+    configure_logging(config.logging)
+    return Gateway(config, path)
