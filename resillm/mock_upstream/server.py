@@ -1,0 +1,349 @@
+"""The aiohttp application: routes, the request flow shared by both APIs, and running it."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import signal
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import NoReturn, Protocol
+
+import msgspec
+from aiohttp import web
+
+from resillm.mock_upstream import anthropic_wire, openai_wire
+from resillm.mock_upstream.answer import Answer, Prompt, compose_answer
+from resillm.mock_upstream.faults import FaultHeaderError, FaultInjector, Faults
+from resillm.mock_upstream.options import MockUpstreamOptions, MockUpstreamStats
+
+_STALL_POLL_S = 0.05
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+_MOCK_MODEL = "mock-model"
+
+
+class StreamEvents(Protocol):
+    """One API's server-sent events for one answer, already framed."""
+
+    def prelude(self) -> bytes: ...
+    def piece(self, text: str) -> bytes: ...
+    def content_end(self) -> bytes: ...
+    def finish(self) -> bytes: ...
+    def end(self) -> bytes: ...
+    def malformed(self) -> bytes: ...
+    def error_event(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class _Api:
+    """How one route reads its request and writes its answers."""
+
+    authorized: Callable[[web.Request, str], bool]
+    parse: Callable[[object, web.Request], Prompt]
+    error_body: Callable[[int, str | None, str | None], bytes]
+    completion_body: Callable[[Prompt, Answer], bytes]
+    stream: Callable[[Prompt, Answer], StreamEvents]
+
+
+def _bearer_is(request: web.Request, key: str) -> bool:
+    return hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {key}")
+
+
+def _header_is(name: str) -> Callable[[web.Request, str], bool]:
+    def check(request: web.Request, key: str) -> bool:
+        return hmac.compare_digest(request.headers.get(name, ""), key)
+
+    return check
+
+
+_OPENAI = _Api(
+    authorized=_bearer_is,
+    parse=lambda body, _request: openai_wire.parse_request(body),
+    error_body=openai_wire.error_body,
+    completion_body=openai_wire.completion_body,
+    stream=openai_wire.OpenAIStream,
+)
+_api_key_is = _header_is("api-key")
+_x_api_key_is = _header_is("x-api-key")
+
+# Azure OpenAI: the deployment in the path names the model; the key comes as `api-key`.
+_AZURE = _Api(
+    authorized=lambda request, key: _api_key_is(request, key) or _bearer_is(request, key),
+    parse=lambda body, request: openai_wire.parse_request(body, model=request.match_info["name"]),
+    error_body=openai_wire.error_body,
+    completion_body=openai_wire.completion_body,
+    stream=openai_wire.OpenAIStream,
+)
+# Anthropic takes the key as `x-api-key`; its newer SDKs send `Authorization: Bearer`.
+_ANTHROPIC = _Api(
+    authorized=lambda request, key: _x_api_key_is(request, key) or _bearer_is(request, key),
+    parse=lambda body, _request: anthropic_wire.parse_request(body),
+    error_body=anthropic_wire.error_body,
+    completion_body=anthropic_wire.completion_body,
+    stream=anthropic_wire.AnthropicStream,
+)
+
+
+@dataclass
+class _State:
+    options: MockUpstreamOptions
+    stats: MockUpstreamStats = field(default_factory=MockUpstreamStats)
+    faults: FaultInjector = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.faults = FaultInjector(self.options)
+
+
+_STATE = web.AppKey("resillm_mock_upstream", _State)
+
+
+class _ConnectionCut(Exception):
+    """The mock dropped the connection on purpose; `response` is handed back to aiohttp.
+
+    Returning it (rather than raising) lets aiohttp find the transport closed when it
+    finishes the response and treat it as a premature disconnection, quietly.
+    """
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("x-mock-cut-after: connection dropped on purpose")
+        self.response = response
+
+
+def _api_route(api: _Api) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        stats = request.app[_STATE].stats
+        stats.requests += 1
+        stats.active += 1
+        stats.last_headers = {name.lower(): value for name, value in request.headers.items()}
+        try:
+            response = await _answer(request, api, request.app[_STATE])
+        except _ConnectionCut as cut:
+            stats.aborted += 1
+            return cut.response
+        except (ConnectionResetError, asyncio.CancelledError):
+            stats.disconnected += 1
+            raise
+        finally:
+            stats.active -= 1
+        stats.completed += 1
+        return response
+
+    return handle
+
+
+def _error(api: _Api, status: int, message: str | None, code: str | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=api.error_body(status, message, code), content_type="application/json"
+    )
+
+
+async def _answer(request: web.Request, api: _Api, state: _State) -> web.StreamResponse:
+    key = state.options.api_key
+    if key is not None and not api.authorized(request, key):
+        return _error(api, 401, "invalid api key")
+    try:
+        body = msgspec.json.decode(await request.read())
+    except msgspec.DecodeError as exc:
+        state.stats.last_request_json = None
+        return _error(api, 400, f"request body is not valid JSON: {exc}")
+    state.stats.last_request_json = body
+    try:
+        prompt = api.parse(body, request)
+        faults = state.faults.for_request(request.headers)
+    except (msgspec.ValidationError, FaultHeaderError) as exc:
+        return _error(api, 400, str(exc))
+    if faults.latency:
+        await asyncio.sleep(faults.latency)
+    if faults.fail_status is not None:
+        state.stats.failed += 1
+        response = _error(api, faults.fail_status, None, faults.fail_code)
+        if faults.retry_after is not None:
+            response.headers["retry-after"] = f"{faults.retry_after:g}"
+        return response
+    answer = compose_answer(prompt, faults.chunks)
+    if prompt.stream:
+        return await _stream(request, api.stream(prompt, answer), answer, faults)
+    if faults.stall_after is not None:
+        await _stall(request)
+    if faults.cut_after is not None:
+        _cut(request, web.Response())
+    body_bytes = (
+        b"{not json" if faults.malformed_at is not None else api.completion_body(prompt, answer)
+    )
+    return web.Response(body=body_bytes, content_type="application/json")
+
+
+async def _stream(
+    request: web.Request, events: StreamEvents, answer: Answer, faults: Faults
+) -> web.StreamResponse:
+    """Write the events one by one, each as soon as it is due, with the faults asked for."""
+    count = len(answer.pieces)
+
+    def at(position: int | None) -> int | None:
+        return None if position is None else min(position, count)
+
+    malformed_at, cut_after = at(faults.malformed_at), at(faults.cut_after)
+    stall_after, error_after = at(faults.stall_after), at(faults.error_event_after)
+    response = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": uuid.uuid4().hex})
+    await response.prepare(request)
+    await response.write(events.prelude())
+    for index in range(count + 1):
+        if index == malformed_at:
+            await response.write(events.malformed())
+        if index == cut_after:
+            _cut(request, response)
+        if index == stall_after:
+            await _stall(request)
+        if index == error_after:
+            await response.write(events.error_event())
+            await response.write_eof()
+            return response
+        if index == count:
+            break
+        if index and faults.chunk_delay:
+            await asyncio.sleep(faults.chunk_delay)
+        await response.write(events.piece(answer.pieces[index]))
+    if content_end := events.content_end():
+        await response.write(content_end)
+    if not faults.no_finish:
+        await response.write(events.finish())
+    await response.write(events.end())
+    await response.write_eof()
+    return response
+
+
+def _cut(request: web.Request, response: web.StreamResponse) -> NoReturn:
+    """Drop the connection: what was written is flushed, the body is never completed."""
+    if request.transport is not None:
+        request.transport.close()
+    raise _ConnectionCut(response)
+
+
+async def _stall(request: web.Request) -> None:
+    """Send nothing more until the client goes away.
+
+    Polled, because aiohttp tells a handler about a lost client only by cancelling it, and
+    only when the runner has `handler_cancellation=True`; this way any runner works.
+    """
+    while request.transport is not None and not request.transport.is_closing():  # noqa: ASYNC110
+        await asyncio.sleep(_STALL_POLL_S)
+    raise ConnectionResetError("client went away during x-mock-stall-after")
+
+
+async def _models(request: web.Request) -> web.Response:
+    if "anthropic-version" in request.headers:
+        model: dict[str, object] = {
+            "type": "model",
+            "id": _MOCK_MODEL,
+            "display_name": "Mock",
+            "created_at": "2025-01-01T00:00:00Z",
+        }
+        page = {"data": [model], "has_more": False, "first_id": _MOCK_MODEL, "last_id": _MOCK_MODEL}
+        return web.Response(body=msgspec.json.encode(page), content_type="application/json")
+    model = {"id": _MOCK_MODEL, "object": "model", "created": 0, "owned_by": "resillm-mock"}
+    listing = {"object": "list", "data": [model]}
+    return web.Response(body=msgspec.json.encode(listing), content_type="application/json")
+
+
+async def _health(_request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+
+async def _stats(request: web.Request) -> web.Response:
+    body = msgspec.json.encode(request.app[_STATE].stats)
+    return web.Response(body=body, content_type="application/json")
+
+
+def build_mock_app(options: MockUpstreamOptions) -> web.Application:
+    """The mock upstream as an aiohttp application, with its stats at `app_stats(app)`.
+
+    Run it with `handler_cancellation=True` so that a client going away ends its handler
+    at once (`start_mock_upstream` and `run_mock_upstream` do).
+    """
+    app = web.Application()
+    app[_STATE] = _State(options)
+    app.router.add_post("/v1/chat/completions", _api_route(_OPENAI))
+    app.router.add_post("/openai/deployments/{name}/chat/completions", _api_route(_AZURE))
+    app.router.add_post("/v1/messages", _api_route(_ANTHROPIC))
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/_mock/stats", _stats)
+    return app
+
+
+def app_stats(app: web.Application) -> MockUpstreamStats:
+    """The live counters of an application made by `build_mock_app`."""
+    return app[_STATE].stats
+
+
+class MockUpstream:
+    """A running mock upstream; `close()` stops it."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+        self._runner = runner
+        self.host = host
+        self.port = port
+        self.stats = app_stats(runner.app)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+    async def __aenter__(self) -> MockUpstream:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+
+async def start_mock_upstream(
+    options: MockUpstreamOptions | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    shutdown_timeout: float = 1.0,
+) -> MockUpstream:
+    """Serve the mock on the running loop; `port=0` picks a free port (see `.port`)."""
+    app = build_mock_app(options or MockUpstreamOptions())
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_port = int(runner.addresses[0][1])
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return MockUpstream(runner, host, bound_port)
+
+
+async def _serve_until_signal(options: MockUpstreamOptions, host: str, port: int) -> None:
+    upstream = await start_mock_upstream(options, host, port, shutdown_timeout=5.0)
+    try:
+        print(f"resillm mock-upstream listening on {upstream.url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await upstream.close()
+
+
+def run_mock_upstream(
+    options: MockUpstreamOptions, host: str = "127.0.0.1", port: int = 8081
+) -> None:
+    """Serve the mock until SIGINT or SIGTERM, on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_serve_until_signal(options, host, port))
+    else:
+        uvloop.run(_serve_until_signal(options, host, port))
