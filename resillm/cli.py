@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--seed", type=int, help="seed for --fail-rate")
     mock.add_argument("--retry-after", type=_duration, help="Retry-After sent with failures")
     mock.add_argument("--api-key", help="require this key (default: accept any)")
+    mock.add_argument("--fail-first", type=int, default=0, help="fail the first N requests")
+    mock.add_argument("--fail-code", help="error code of failures, e.g. context_length_exceeded")
+    mock.add_argument("--cut-after", type=int, help="drop streams after N content chunks")
+    mock.add_argument("--stall-after", type=int, help="stall streams after N content chunks")
+    mock.add_argument("--malformed-at", type=int, help="a malformed event before chunk N")
+    mock.add_argument("--error-event-after", type=int, help="an error event after N chunks")
+    mock.add_argument("--no-finish", action="store_true", help="end streams without a finish")
 
     commands.add_parser("version", help="print the version")
     return parser
@@ -135,6 +142,13 @@ def mock_upstream(args: argparse.Namespace) -> int:
             seed=args.seed,
             retry_after=args.retry_after,
             api_key=args.api_key,
+            fail_first=args.fail_first,
+            fail_code=args.fail_code,
+            cut_after=args.cut_after,
+            stall_after=args.stall_after,
+            malformed_at=args.malformed_at,
+            error_event_after=args.error_event_after,
+            no_finish=args.no_finish,
         )
     except ValueError as exc:
         print(f"resillm mock-upstream: {exc}", file=sys.stderr)
