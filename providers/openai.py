@@ -8,6 +8,7 @@ a light view of each answer is decoded, for the model, finish reason and usage.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from typing import Any
 from urllib.parse import quote
@@ -23,7 +24,7 @@ from resillm.errors import UpstreamError, UpstreamProtocolError, UpstreamStatusE
 from resillm.schema import CompletionView, json_encoder, view_decoder
 
 OpenAIFamilyConfig = OpenAIProviderConfig | AzureProviderConfig | OpenAICompatibleProviderConfig
-READ_SIZE = 64 * 1024
+logger = logging.getLogger("resillm.providers")
 _DONE = b"[DONE]"
 
 
@@ -198,6 +199,13 @@ class OpenAIChunkStream:
         except msgspec.DecodeError:
             # A malformed event mid-stream is skipped; the stream goes on (SPEC section 4).
             self.malformed += 1
+            upstream = self._upstream
+            logger.warning(
+                "skipped a malformed stream event from %s/%s: %r",
+                upstream.provider,
+                upstream.model,
+                data[:200],
+            )
             return
         if view.error is not None:
             self._fail(_stream_error(self._upstream, view.error))

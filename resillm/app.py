@@ -25,7 +25,9 @@ from middleware.request import CHAT_COMPLETIONS, RequestMiddleware
 from providers.base import Provider
 from providers.http import create_session
 from providers.registry import build_provider
+from resillm.admin.api import AdminAPI
 from resillm.asgi import ASGIApp, Receive, Scope, Send, route_path, send_json
+from resillm.circuit import CircuitRegistry, CircuitState
 from resillm.config import Config
 from resillm.config_loader import (
     ConfigError,
@@ -35,8 +37,9 @@ from resillm.config_loader import (
 )
 from resillm.context import RequestContext
 from resillm.errors import MethodNotAllowed, NotFound
-from resillm.router import Route, Router, build_routes
+from resillm.router import Router
 from resillm.schema import ModelCard, ModelList, json_encoder
+from resillm.targets import Route, build_routes
 
 logger = logging.getLogger("resillm")
 _HEALTH_BODY = b'{"status":"ok"}'
@@ -61,14 +64,19 @@ class ReadyStatus(msgspec.Struct):
 class Runtime:
     """One config made runnable: providers bound to targets, and the composed ASGI stacks."""
 
-    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, config: Config, session: aiohttp.ClientSession, circuits: CircuitRegistry
+    ) -> None:
         self.config = config
+        self.circuits = circuits
         self.providers: dict[str, Provider] = {
             name: build_provider(name, provider, session)
             for name, provider in config.providers.items()
         }
-        self.routes = build_routes(config, self.providers)
-        self.router = Router(self.routes, config.resilience.timeouts)
+        circuits.configure(config.resilience.circuit_breaker)
+        self.routes = build_routes(config, self.providers, circuits)
+        self.router = Router(self.routes, config.resilience)
+        self.admin = AdminAPI(config.auth.admin_key, lambda: self.routes)
         self.v1 = self.v1_stack()
         self.ops = ErrorsMiddleware(self.ops_endpoints)
 
@@ -112,6 +120,8 @@ class Runtime:
             status = self.readiness()
             code = 200 if status.status == "ready" else 503
             await send_json(send, code, json_encoder.encode(status))
+        elif path.startswith("/admin/"):
+            await self.admin(scope, receive, send)
         else:
             raise NotFound(f"no such endpoint: {scope.get('method')} {path}")
 
@@ -127,7 +137,12 @@ class Runtime:
 
 def _alias_status(route: Route) -> AliasStatus:
     targets = [
-        TargetStatus(provider=t.provider, model=t.model, available=True) for t in route.targets
+        TargetStatus(
+            provider=t.provider,
+            model=t.model,
+            available=t.circuit.state is not CircuitState.OPEN or t.circuit.retry_in() == 0,
+        )
+        for t in route.targets
     ]
     return AliasStatus(ready=any(t.available for t in targets), targets=targets)
 
@@ -141,6 +156,8 @@ class Gateway:
         self.config_path = config_path
         self.runtime: Runtime | None = None
         self._session: aiohttp.ClientSession | None = None
+        # Circuit state belongs to targets, not to one config: it outlives reloads.
+        self.circuits = CircuitRegistry(config.resilience.circuit_breaker)
         self._start_lock = asyncio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -162,7 +179,7 @@ class Gateway:
         async with self._start_lock:
             if self.runtime is None:
                 self._session = create_session()
-                self.runtime = Runtime(self.config, self._session)
+                self.runtime = Runtime(self.config, self._session, self.circuits)
                 if not self.config.auth.keys:
                     logger.warning(
                         "no auth.keys configured: the /v1 routes are open to anyone who can "
@@ -186,7 +203,7 @@ class Gateway:
             logger.warning("server.* changed in %s: restart to apply it", self.config_path)
         self.config = config
         if self.runtime is not None and self._session is not None:
-            self.runtime = Runtime(config, self._session)
+            self.runtime = Runtime(config, self._session, self.circuits)
         logger.info("config reloaded from %s", self.config_path)
         return True
 

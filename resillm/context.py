@@ -23,10 +23,12 @@ class RequestContext:
         "cache",
         "client_key",
         "error",
+        "fallbacks",
         "provider",
         "raw",
         "request",
         "request_id",
+        "retries",
         "route",
         "started",
         "status",
@@ -49,6 +51,8 @@ class RequestContext:
         self.provider: str | None = None
         self.upstream_model: str | None = None
         self.attempts = 0
+        self.retries = 0
+        self.fallbacks = 0
         self.usage: Usage | None = None
         self.ttft_s: float | None = None
         self.status = 0

@@ -10,6 +10,8 @@
     ├── PermissionDenied              403 permission_error
     ├── NotFound                      404 for unknown paths
     ├── MethodNotAllowed              405
+    ├── AllTargetsFailed              502 / 429 / 504 upstream_error, with error.attempts
+    ├── CircuitOpen                   503 circuit_open, with Retry-After
     └── UpstreamError                 something went wrong on the provider's side
         ├── UpstreamStatusError       the upstream answered with an HTTP error status
         ├── UpstreamConnectError      could not connect, or the connection broke
@@ -21,6 +23,8 @@ upstream errors carry what the router needs to decide on retries and fallbacks.
 """
 
 from __future__ import annotations
+
+import math
 
 import msgspec
 
@@ -186,6 +190,13 @@ class AllTargetsFailed(GatewayError):
         super().__init__(f"every target of '{alias}' failed; last error: {last}")
         if failures and all(f.status == 429 for f in failures):
             self.status = 429
+            waits = [
+                f.retry_after_s
+                for f in failures
+                if isinstance(f, UpstreamStatusError) and f.retry_after_s is not None
+            ]
+            if waits:
+                self.headers["Retry-After"] = str(max(1, math.ceil(min(waits))))
         elif failures and all(isinstance(f, UpstreamTimeout) for f in failures):
             self.status = 504
         else:
@@ -203,4 +214,19 @@ class AllTargetsFailed(GatewayError):
         ]
         return _AttemptsErrorDetail(
             message=self.message, type=self.type, code=self.code, param=None, attempts=attempts
+        )
+
+
+class CircuitOpen(GatewayError):
+    """Every target of the alias has an open circuit: nothing was sent upstream."""
+
+    status = 503
+    type = "circuit_open"
+    code = "circuit_open"
+
+    def __init__(self, alias: str, retry_after_s: float) -> None:
+        seconds = max(1, math.ceil(retry_after_s))
+        super().__init__(
+            f"every target of '{alias}' is failing and its circuit is open; retry in {seconds}s",
+            headers={"Retry-After": str(seconds)},
         )

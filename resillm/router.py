@@ -1,72 +1,38 @@
-"""The routing app: resolve the alias, call its target, answer as JSON or as an SSE stream.
+"""The routing app: resolve the alias, run the failover loop, answer as JSON or SSE.
 
-The response starts only once the upstream produced its first chunk, so every failure
-before that is still a clean JSON error (and, with the resilience loop, a retry or a
-fallback). While it works the router watches ``receive`` for ``http.disconnect`` and, when
-the client leaves, cancels the upstream call at once, which closes its connection.
+The response starts only once an upstream produced its first chunk, so every failure
+before that is still a retry, a fallback or a clean JSON error. While it works the router
+watches ``receive`` for ``http.disconnect`` and, when the client leaves, cancels the
+upstream call at once, which closes its connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
+from typing import NamedTuple
 
-from providers.base import Chunk, Completion, Provider, Upstream, UpstreamCall
+from providers.base import Chunk, ChunkStream, Completion, UpstreamCall
 from providers.sse import DONE_EVENT, encode_data
 from resillm.asgi import JSON_CONTENT_TYPE, Headers, Receive, Scope, Send
-from resillm.config import Config, ModelConfig, TimeoutsConfig
+from resillm.config import ResilienceConfig
 from resillm.context import RequestContext
 from resillm.errors import (
-    AllTargetsFailed,
     InvalidRequest,
     ModelNotFound,
     UpstreamError,
     UpstreamProtocolError,
-    UpstreamStatusError,
     UpstreamTimeout,
 )
+from resillm.failover import Failover
+from resillm.targets import Route, Target
 
 SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-
-
-class Target:
-    """One entry of an alias's target list, bound to its provider."""
-
-    __slots__ = ("model", "provider", "upstream", "weight")
-
-    def __init__(self, upstream: Upstream, weight: float) -> None:
-        self.upstream = upstream
-        self.provider = upstream.provider
-        self.model = upstream.model
-        self.weight = weight
-
-
-class Route:
-    __slots__ = ("alias", "config", "targets")
-
-    def __init__(self, alias: str, config: ModelConfig, targets: list[Target]) -> None:
-        self.alias = alias
-        self.config = config
-        self.targets = targets
-
-
-def build_routes(config: Config, providers: Mapping[str, Provider]) -> dict[str, Route]:
-    routes: dict[str, Route] = {}
-    for alias, model in config.models.items():
-        targets = [
-            Target(
-                providers[t.provider].bind(t.model, api_key=t.api_key, base_url=t.base_url),
-                t.weight,
-            )
-            for t in model.targets
-        ]
-        routes[alias] = Route(alias, model, targets)
-    return routes
 
 
 class DisconnectWatch:
@@ -91,10 +57,17 @@ class DisconnectWatch:
         self._watcher.cancel()
 
 
+class _OpenStream(NamedTuple):
+    stream: ChunkStream
+    chunks: AsyncIterator[Chunk]
+    first: Chunk
+
+
 class Router:
-    def __init__(self, routes: dict[str, Route], timeouts: TimeoutsConfig) -> None:
+    def __init__(self, routes: dict[str, Route], resilience: ResilienceConfig) -> None:
         self.routes = routes
-        self.timeouts = timeouts
+        self.timeouts = resilience.timeouts
+        self.failover = Failover(resilience)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext.of(scope)
@@ -130,138 +103,108 @@ class Router:
         )
 
     async def complete(self, ctx: RequestContext, route: Route, send: Send) -> None:
-        target = route.targets[0]
-        ctx.attempts += 1
-        try:
-            async with asyncio.timeout(self.timeouts.request):
-                completion = await target.upstream.complete(self.call_for(ctx))
-        except TimeoutError:
-            raise self.failed(route, [self.deadline_error(target)]) from None
-        except UpstreamError as exc:
-            raise self.failed(route, [exc]) from None
-        await self.send_completion(ctx, target, completion, send)
+        call = self.call_for(ctx)
 
-    async def send_completion(
-        self, ctx: RequestContext, target: Target, completion: Completion, send: Send
-    ) -> None:
-        ctx.provider, ctx.upstream_model, ctx.usage = (
-            target.provider,
-            completion.model,
-            completion.usage,
-        )
+        async def attempt(target: Target, seconds_left: float) -> Completion:
+            try:
+                async with asyncio.timeout(seconds_left):
+                    return await target.upstream.complete(call)
+            except TimeoutError:
+                raise _timeout(target, "no answer within the request deadline") from None
+
+        target, completion = await self.failover.run(ctx, route, attempt)
+        ctx.provider, ctx.upstream_model = target.provider, completion.model
+        ctx.usage = completion.usage
         body = completion.body
         headers = [
             JSON_CONTENT_TYPE,
             (b"content-length", str(len(body)).encode()),
-            *self.resillm_headers(ctx, target, completion.model),
+            *resillm_headers(ctx, target, completion.model),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def stream(self, ctx: RequestContext, route: Route, send: Send) -> None:
-        target = route.targets[0]
-        ctx.attempts += 1
-        first_token_s = min(self.timeouts.first_token, self.timeouts.request)
-        try:
-            async with asyncio.timeout(first_token_s):
-                upstream_stream = await target.upstream.open_stream(self.call_for(ctx))
-                chunks = aiter(upstream_stream)
-                try:
-                    first = await anext(chunks)
-                except BaseException:
-                    await upstream_stream.aclose()
-                    raise
-        except TimeoutError:
-            raise self.failed(route, [self.first_token_error(target)]) from None
-        except StopAsyncIteration:
-            error = UpstreamProtocolError(
-                "stream ended before its first chunk", provider=target.provider, model=target.model
-            )
-            raise self.failed(route, [error]) from None
-        except UpstreamError as exc:
-            raise self.failed(route, [exc]) from None
+        call = self.call_for(ctx)
+        first_token_s = self.timeouts.first_token
+
+        async def attempt(target: Target, seconds_left: float) -> _OpenStream:
+            limit = min(first_token_s, seconds_left)
+            try:
+                async with asyncio.timeout(limit):
+                    upstream_stream = await target.upstream.open_stream(call)
+                    chunks = aiter(upstream_stream)
+                    try:
+                        first = await anext(chunks)
+                    except BaseException:
+                        await upstream_stream.aclose()
+                        raise
+            except TimeoutError:
+                raise _timeout(target, f"no first token within {limit:g}s") from None
+            except StopAsyncIteration:
+                raise UpstreamProtocolError(
+                    "stream ended before its first chunk",
+                    provider=target.provider,
+                    model=target.model,
+                ) from None
+            return _OpenStream(upstream_stream, chunks, first)
+
+        target, opened = await self.failover.run(ctx, route, attempt)
         ctx.ttft_s = time.monotonic() - ctx.started
         try:
-            await self.relay(ctx, target, first, chunks, send)
+            await relay(ctx, target, opened.first, opened.chunks, send)
         finally:
-            await upstream_stream.aclose()
+            await opened.stream.aclose()
 
-    async def relay(
-        self,
-        ctx: RequestContext,
-        target: Target,
-        first: Chunk,
-        chunks: AsyncIterator[Chunk],
-        send: Send,
-    ) -> None:
-        """Past the point of no return: forward chunks as they come; a failure now ends the
-        stream with one SSE error event, never with ``[DONE]``."""
-        model = first.model or target.model
-        ctx.provider, ctx.upstream_model = target.provider, model
-        headers = [*SSE_HEADERS, *self.resillm_headers(ctx, target, model)]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        usage = first.usage
-        try:
-            if first.forward:
+
+async def relay(
+    ctx: RequestContext,
+    target: Target,
+    first: Chunk,
+    chunks: AsyncIterator[Chunk],
+    send: Send,
+) -> None:
+    """Past the point of no return: forward chunks as they come; a failure now ends the
+    stream with one SSE error event, never with ``[DONE]``."""
+    model = first.model or target.model
+    ctx.provider, ctx.upstream_model = target.provider, model
+    headers = [*SSE_HEADERS, *resillm_headers(ctx, target, model)]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    usage = first.usage
+    try:
+        if first.forward:
+            await send(
+                {"type": "http.response.body", "body": encode_data(first.data), "more_body": True}
+            )
+        async for chunk in chunks:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if chunk.forward:
                 await send(
                     {
                         "type": "http.response.body",
-                        "body": encode_data(first.data),
+                        "body": encode_data(chunk.data),
                         "more_body": True,
                     }
                 )
-            async for chunk in chunks:
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                if chunk.forward:
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": encode_data(chunk.data),
-                            "more_body": True,
-                        }
-                    )
-        except UpstreamError as exc:
-            ctx.error = exc.message
-            await send(
-                {"type": "http.response.body", "body": encode_data(exc.body()), "more_body": False}
-            )
-            return
-        finally:
-            ctx.usage = usage
-        await send({"type": "http.response.body", "body": DONE_EVENT, "more_body": False})
-
-    @staticmethod
-    def resillm_headers(ctx: RequestContext, target: Target, model: str) -> Headers:
-        return [
-            (b"x-resillm-provider", target.provider.encode()),
-            (b"x-resillm-model", model.encode()),
-            (b"x-resillm-attempts", str(ctx.attempts).encode()),
-        ]
-
-    @staticmethod
-    def failed(route: Route, failures: list[UpstreamError]) -> Exception:
-        """A client error the upstream diagnosed goes back as it is; the rest is 'all failed'."""
-        last = failures[-1]
-        if (
-            isinstance(last, UpstreamStatusError)
-            and 400 <= last.status < 500
-            and not last.retryable
-            and last.status not in (401, 403, 404)
-        ):
-            return last
-        return AllTargetsFailed(route.alias, failures)
-
-    def deadline_error(self, target: Target) -> UpstreamTimeout:
-        return UpstreamTimeout(
-            f"no answer within the request deadline ({self.timeouts.request:g}s)",
-            provider=target.provider,
-            model=target.model,
+    except UpstreamError as exc:
+        ctx.error = exc.message
+        await send(
+            {"type": "http.response.body", "body": encode_data(exc.body()), "more_body": False}
         )
+        return
+    finally:
+        ctx.usage = usage
+    await send({"type": "http.response.body", "body": DONE_EVENT, "more_body": False})
 
-    def first_token_error(self, target: Target) -> UpstreamTimeout:
-        return UpstreamTimeout(
-            f"no first token within {min(self.timeouts.first_token, self.timeouts.request):g}s",
-            provider=target.provider,
-            model=target.model,
-        )
+
+def resillm_headers(ctx: RequestContext, target: Target, model: str) -> Headers:
+    return [
+        (b"x-resillm-provider", target.provider.encode()),
+        (b"x-resillm-model", model.encode()),
+        (b"x-resillm-attempts", str(ctx.attempts).encode()),
+    ]
+
+
+def _timeout(target: Target, message: str) -> UpstreamTimeout:
+    return UpstreamTimeout(message, provider=target.provider, model=target.model)

@@ -1,0 +1,1 @@
+"""The admin surface under ``/admin/``, guarded by ``auth.admin_key``."""

@@ -1,0 +1,104 @@
+"""The attempt loop: targets in order, retries with backoff, circuits, one overall deadline.
+
+Each attempt is a callable the router supplies (a whole completion, or a stream up to its
+first chunk), so the same loop serves both. It returns the target that answered and what
+the attempt produced, or raises the error the client should see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from resillm.config import ResilienceConfig
+from resillm.context import RequestContext
+from resillm.errors import (
+    AllTargetsFailed,
+    CircuitOpen,
+    GatewayError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from resillm.retry import Backoff, Next, counts_against_target, decide, is_context_length
+from resillm.targets import Route, Target
+
+T = TypeVar("T")
+Attempt = Callable[[Target, float], Awaitable[T]]
+
+
+class Failover:
+    def __init__(self, config: ResilienceConfig, backoff: Backoff | None = None) -> None:
+        self.config = config
+        self.backoff = backoff or Backoff(config.retry)
+
+    async def run(self, ctx: RequestContext, route: Route, attempt: Attempt[T]) -> tuple[Target, T]:
+        """Try the chain; ``attempt(target, seconds_left)`` raises ``UpstreamError`` on failure."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeouts.request
+        max_attempts = self.config.retry.max_attempts
+        failures: list[UpstreamError] = []
+        skipped: list[Target] = []
+        chain = route.chain
+        previous: Target | None = None
+        for index, target in enumerate(chain):
+            others_left = index + 1 < len(chain)
+            retry = 0
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise self.give_up(route, failures or [_deadline(target, self.config)])
+                if previous is not None and previous is not target:
+                    ctx.fallbacks += 1
+                previous = target
+                if not target.circuit.allow():
+                    skipped.append(target)
+                    break
+                ctx.attempts += 1
+                try:
+                    result = await attempt(target, left)
+                except UpstreamError as exc:
+                    failures.append(exc)
+                    step = decide(exc, others_left=others_left)
+                    if step is Next.CLIENT:
+                        target.circuit.release()
+                        raise exc from None
+                    if counts_against_target(exc):
+                        target.circuit.failure()
+                    else:
+                        target.circuit.release()
+                    if step is Next.FALLBACK or retry + 1 >= max_attempts:
+                        break
+                    wait = self.backoff.wait_before_retry(retry, exc)
+                    if wait is None or wait >= deadline - loop.time():
+                        break
+                    retry += 1
+                    ctx.retries += 1
+                    await asyncio.sleep(wait)
+                except BaseException:
+                    target.circuit.release()
+                    raise
+                else:
+                    target.circuit.success()
+                    return target, result
+        if not failures and skipped:
+            raise CircuitOpen(route.alias, min(t.circuit.retry_in() for t in skipped))
+        raise self.give_up(route, failures)
+
+    @staticmethod
+    def give_up(route: Route, failures: list[UpstreamError]) -> GatewayError:
+        """A request no target could take because of its size goes back as the upstream
+        said it; anything else is 'every target failed'."""
+        last = failures[-1]
+        if isinstance(last, UpstreamStatusError) and is_context_length(last):
+            return last
+        return AllTargetsFailed(route.alias, failures)
+
+
+def _deadline(target: Target, config: ResilienceConfig) -> UpstreamTimeout:
+    return UpstreamTimeout(
+        f"no answer within the request deadline ({config.timeouts.request:g}s)",
+        provider=target.provider,
+        model=target.model,
+    )

@@ -1,0 +1,84 @@
+"""An alias's targets, bound to their providers and circuits, and its fallback chain."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+from providers.base import Provider, Upstream
+from resillm.circuit import CircuitBreaker, CircuitRegistry
+from resillm.config import Config, ModelConfig, TargetConfig
+
+
+def target_id(target: TargetConfig) -> str:
+    """provider/model, plus a short fingerprint when the target brings its own key or URL,
+    so two keys of one provider are two targets with two circuits. Never the key itself."""
+    name = f"{target.provider}/{target.model}"
+    if target.api_key is None and target.base_url is None:
+        return name
+    digest = hashlib.sha256(f"{target.api_key}\0{target.base_url}".encode()).hexdigest()
+    return f"{name}#{digest[:8]}"
+
+
+class Target:
+    """One entry of an alias's target list, bound to its provider and its circuit."""
+
+    __slots__ = ("circuit", "id", "model", "provider", "upstream", "weight")
+
+    def __init__(self, id: str, upstream: Upstream, circuit: CircuitBreaker, weight: float) -> None:
+        self.id = id
+        self.upstream = upstream
+        self.provider = upstream.provider
+        self.model = upstream.model
+        self.circuit = circuit
+        self.weight = weight
+
+
+class Route:
+    """An alias: its own targets, then (``chain``) the targets of its fallback aliases."""
+
+    __slots__ = ("alias", "chain", "config", "targets")
+
+    def __init__(self, alias: str, config: ModelConfig, targets: list[Target]) -> None:
+        self.alias = alias
+        self.config = config
+        self.targets = targets
+        self.chain: list[Target] = list(targets)
+
+
+def build_routes(
+    config: Config, providers: Mapping[str, Provider], circuits: CircuitRegistry
+) -> dict[str, Route]:
+    routes: dict[str, Route] = {}
+    for alias, model in config.models.items():
+        targets = []
+        for t in model.targets:
+            upstream = providers[t.provider].bind(t.model, api_key=t.api_key, base_url=t.base_url)
+            tid = target_id(t)
+            targets.append(Target(tid, upstream, circuits.get(tid), t.weight))
+        routes[alias] = Route(alias, model, targets)
+    for route in routes.values():
+        route.chain = _chain(route, routes)
+    return routes
+
+
+def _chain(route: Route, routes: Mapping[str, Route]) -> list[Target]:
+    """The alias's targets, then its fallbacks' (depth first, each alias and target once)."""
+    chain: list[Target] = []
+    seen_ids: set[str] = set()
+    seen_aliases: set[str] = set()
+
+    def visit(alias: str) -> None:
+        if alias in seen_aliases:
+            return
+        seen_aliases.add(alias)
+        current = routes[alias]
+        for target in current.targets:
+            if target.id not in seen_ids:
+                seen_ids.add(target.id)
+                chain.append(target)
+        for fallback in current.config.fallbacks:
+            visit(fallback)
+
+    visit(route.alias)
+    return chain
