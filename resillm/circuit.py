@@ -51,6 +51,14 @@ class CircuitBreaker:
             self.probes += 1
         return True
 
+    def available(self) -> bool:
+        """Would ``allow`` admit an attempt now? (Reads only; takes no probe slot.)"""
+        if self.state is CircuitState.OPEN:
+            return self._clock() - self._opened_at >= self.config.open_timeout
+        if self.state is CircuitState.HALF_OPEN:
+            return self.probes < self.config.half_open_max_requests
+        return True
+
     def success(self) -> None:
         if self.state is CircuitState.HALF_OPEN:
             self._end_probe()

@@ -8,9 +8,10 @@ the attempt produced, or raises the error the client should see.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from resillm.circuit import CircuitState
 from resillm.config import ResilienceConfig
 from resillm.context import RequestContext
 from resillm.errors import (
@@ -33,17 +34,33 @@ class Failover:
         self.config = config
         self.backoff = backoff or Backoff(config.retry)
 
-    async def run(self, ctx: RequestContext, route: Route, attempt: Attempt[T]) -> tuple[Target, T]:
-        """Try the chain; ``attempt(target, seconds_left)`` raises ``UpstreamError`` on failure."""
+    async def run(
+        self,
+        ctx: RequestContext,
+        route: Route,
+        attempt: Attempt[T],
+        *,
+        chain: Sequence[Target] | None = None,
+        max_attempts: int | None = None,
+        deadline: float | None = None,
+    ) -> tuple[Target, T]:
+        """Try the chain; ``attempt(target, seconds_left)`` raises ``UpstreamError`` on failure.
+
+        ``chain``, ``max_attempts`` (per target) and ``deadline`` (loop time) default to the
+        route's chain, the retry config and now + ``timeouts.request``.
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.timeouts.request
-        max_attempts = self.config.retry.max_attempts
+        if deadline is None:
+            deadline = loop.time() + self.config.timeouts.request
+        if max_attempts is None:
+            max_attempts = self.config.retry.max_attempts
         failures: list[UpstreamError] = []
         skipped: list[Target] = []
-        chain = route.chain
+        if chain is None:
+            chain = route.chain
         previous: Target | None = None
         for index, target in enumerate(chain):
-            others_left = index + 1 < len(chain)
+            others_left = any(t.circuit.available() for t in chain[index + 1 :])
             retry = 0
             while True:
                 left = deadline - loop.time()
@@ -57,7 +74,11 @@ class Failover:
                     break
                 ctx.attempts += 1
                 try:
-                    result = await attempt(target, left)
+                    try:
+                        async with asyncio.timeout(left):
+                            result = await attempt(target, left)
+                    except TimeoutError:
+                        raise _deadline(target, self.config) from None
                 except UpstreamError as exc:
                     failures.append(exc)
                     step = decide(exc, others_left=others_left)
@@ -68,7 +89,11 @@ class Failover:
                         target.circuit.failure()
                     else:
                         target.circuit.release()
-                    if step is Next.FALLBACK or retry + 1 >= max_attempts:
+                    if (
+                        step is Next.FALLBACK
+                        or retry + 1 >= max_attempts
+                        or target.circuit.state is CircuitState.OPEN
+                    ):
                         break
                     wait = self.backoff.wait_before_retry(retry, exc)
                     if wait is None or wait >= deadline - loop.time():
@@ -90,7 +115,7 @@ class Failover:
     def give_up(route: Route, failures: list[UpstreamError]) -> GatewayError:
         """A request no target could take because of its size goes back as the upstream
         said it; anything else is 'every target failed'."""
-        last = failures[-1]
+        last = failures[-1] if failures else None
         if isinstance(last, UpstreamStatusError) and is_context_length(last):
             return last
         return AllTargetsFailed(route.alias, failures)
