@@ -80,6 +80,7 @@ def access_fields(scope: Scope, ctx: RequestContext) -> dict[str, Any]:
         "attempts": ctx.attempts,
         "retries": ctx.retries,
         "fallbacks": ctx.fallbacks,
+        "recoveries": ctx.recoveries or None,
         "latency_ms": round((time.monotonic() - ctx.started) * 1000.0, 2),
         "ttft_ms": round(ctx.ttft_s * 1000.0, 2) if ctx.ttft_s is not None else None,
         "prompt_tokens": usage.prompt_tokens if usage else None,

@@ -54,10 +54,11 @@ class Chunk:
     """One OpenAI ``chat.completion.chunk`` as JSON bytes, plus what the gateway reads of it.
 
     ``forward`` is false for a chunk the client must not see (the usage-only chunk resillm
-    asked for when the client did not).
+    asked for when the client did not). ``text`` is the content the chunk adds to choice 0
+    and ``tool_call`` says it carries a tool-call fragment: stream recovery needs both.
     """
 
-    __slots__ = ("data", "finish_reason", "forward", "model", "usage")
+    __slots__ = ("data", "finish_reason", "forward", "model", "text", "tool_call", "usage")
 
     def __init__(
         self,
@@ -67,12 +68,16 @@ class Chunk:
         finish_reason: str | None = None,
         usage: Usage | None = None,
         forward: bool = True,
+        text: str = "",
+        tool_call: bool = False,
     ) -> None:
         self.data = data
         self.model = model
         self.finish_reason = finish_reason
         self.usage = usage
         self.forward = forward
+        self.text = text
+        self.tool_call = tool_call
 
 
 class ChunkStream(Protocol):

@@ -10,19 +10,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from providers.base import Chunk, ChunkStream, Completion, UpstreamCall
 from resillm.config import MockProviderConfig
 from resillm.errors import UpstreamStatusError
 from resillm.schema import (
+    AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
     ChunkChoice,
     Delta,
+    Message,
     ResponseMessage,
     Usage,
     json_encoder,
@@ -34,6 +37,7 @@ WORDS = (
     "arrive token by token"
 ).split()
 CHARS_PER_TOKEN = 4
+_PIECE_RE = re.compile(r"\s*\S+")
 
 
 class MockProvider:
@@ -50,16 +54,30 @@ class MockProvider:
         return None
 
 
-def answer_words(request: ChatCompletionRequest, count: int) -> list[str]:
-    """The same request always gets the same words."""
-    seed = hashlib.blake2b(prompt_text(request).encode(), digest_size=4).digest()
+def answer_pieces(request: ChatCompletionRequest, count: int) -> list[str]:
+    """The same request always gets the same words, one piece per chunk ("w0", " w1", ...).
+
+    A trailing assistant message is a prefill: the answer is the one the conversation
+    before it gets, continued after the prefill (the mock accepts prefill, as Claude does).
+    """
+    messages = request.messages
+    prefill = None
+    if messages and isinstance(messages[-1], AssistantMessage):
+        last = messages[-1].content
+        prefill = last if isinstance(last, str) else None
+        messages = messages[:-1]
+    seed = hashlib.blake2b(prompt_text(messages).encode(), digest_size=4).digest()
     start = int.from_bytes(seed, "big")
-    return [WORDS[(start + i * 7) % len(WORDS)] for i in range(count)]
+    words = [WORDS[(start + i * 7) % len(WORDS)] for i in range(count)]
+    text = " ".join(words)
+    if prefill is not None and text.startswith(prefill):
+        text = text[len(prefill) :]
+    return _PIECE_RE.findall(text)
 
 
-def prompt_text(request: ChatCompletionRequest) -> str:
+def prompt_text(messages: Sequence[Message]) -> str:
     parts: list[str] = []
-    for message in request.messages:
+    for message in messages:
         content = getattr(message, "content", None)
         if isinstance(content, str):
             parts.append(content)
@@ -91,12 +109,12 @@ class MockUpstream:
         finish = "stop"
         if limit is not None and limit < count:
             count, finish = limit, "length"
-        words = answer_words(request, count)
-        prompt_tokens = max(1, len(prompt_text(request)) // CHARS_PER_TOKEN)
+        words = answer_pieces(request, count)
+        prompt_tokens = max(1, len(prompt_text(request.messages)) // CHARS_PER_TOKEN)
         usage = Usage(
             prompt_tokens=prompt_tokens,
-            completion_tokens=count,
-            total_tokens=prompt_tokens + count,
+            completion_tokens=len(words),
+            total_tokens=prompt_tokens + len(words),
         )
         return words, finish, usage
 
@@ -114,7 +132,7 @@ class MockUpstream:
             choices=[
                 Choice(
                     index=0,
-                    message=ResponseMessage(role="assistant", content=" ".join(words)),
+                    message=ResponseMessage(role="assistant", content="".join(words)),
                     finish_reason=finish,
                     logprobs=None,
                 )
@@ -156,14 +174,17 @@ class MockChunkStream:
                 choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
             )
             return Chunk(
-                json_encoder.encode(body), model=upstream.model, finish_reason=finish_reason
+                json_encoder.encode(body),
+                model=upstream.model,
+                finish_reason=finish_reason,
+                text=delta.content or "",
             )
 
         yield chunk(Delta(role="assistant", content=""))
-        for index, word in enumerate(words):
+        for word in words:
             if delay:
                 await asyncio.sleep(delay)
-            yield chunk(Delta(content=word if index == 0 else " " + word))
+            yield chunk(Delta(content=word))
         yield chunk(Delta(), finish)
         usage_chunk = ChatCompletionChunk(
             id=chunk_id,

@@ -210,15 +210,27 @@ class OpenAIChunkStream:
         if view.error is not None:
             self._fail(_stream_error(self._upstream, view.error))
             return
-        finish = None
+        finish, text, tool_call = None, "", False
         for choice in view.choices:
             finish = finish or choice.finish_reason
+            delta = choice.delta
+            if delta is not None and choice.index == 0:
+                text = delta.content or ""
+                tool_call = delta.tool_calls is not None
         if finish:
             self._finished = True
         forward = bool(view.choices) or view.usage is None or self._client_wants_usage
         self._started = True
         self._pending.append(
-            Chunk(data, model=view.model, finish_reason=finish, usage=view.usage, forward=forward)
+            Chunk(
+                data,
+                model=view.model,
+                finish_reason=finish,
+                usage=view.usage,
+                forward=forward,
+                text=text,
+                tool_call=tool_call,
+            )
         )
 
     def _end(self) -> None:

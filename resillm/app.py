@@ -27,7 +27,7 @@ from providers.http import create_session
 from providers.registry import build_provider
 from resillm.admin.api import AdminAPI
 from resillm.asgi import ASGIApp, Receive, Scope, Send, route_path, send_json
-from resillm.circuit import CircuitRegistry, CircuitState
+from resillm.circuit import CircuitRegistry
 from resillm.config import Config
 from resillm.config_loader import (
     ConfigError,
@@ -140,7 +140,8 @@ def _alias_status(route: Route) -> AliasStatus:
         TargetStatus(
             provider=t.provider,
             model=t.model,
-            available=t.circuit.state is not CircuitState.OPEN or t.circuit.retry_in() == 0,
+            # Not open (or due for a probe): half-open with its probe slots taken still counts.
+            available=t.circuit.retry_in() == 0,
         )
         for t in route.targets
     ]

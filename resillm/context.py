@@ -26,6 +26,7 @@ class RequestContext:
         "fallbacks",
         "provider",
         "raw",
+        "recoveries",
         "request",
         "request_id",
         "retries",
@@ -53,6 +54,7 @@ class RequestContext:
         self.attempts = 0
         self.retries = 0
         self.fallbacks = 0
+        self.recoveries: list[str] = []  # stream recoveries: continued, restarted, failed
         self.usage: Usage | None = None
         self.ttft_s: float | None = None
         self.status = 0

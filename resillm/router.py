@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import NamedTuple
+from collections.abc import Sequence
+from functools import partial
 
-from providers.base import Chunk, ChunkStream, Completion, UpstreamCall
-from providers.sse import DONE_EVENT, encode_data
+from providers.base import Completion, UpstreamCall
 from resillm.asgi import JSON_CONTENT_TYPE, Headers, Receive, Scope, Send
 from resillm.config import ResilienceConfig
 from resillm.context import RequestContext
 from resillm.errors import (
     InvalidRequest,
     ModelNotFound,
-    UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
 from resillm.failover import Failover
+from resillm.relay import OpenStream, StreamRelay
 from resillm.targets import Route, Target
 
 SSE_HEADERS: Headers = [
@@ -57,17 +56,12 @@ class DisconnectWatch:
         self._watcher.cancel()
 
 
-class _OpenStream(NamedTuple):
-    stream: ChunkStream
-    chunks: AsyncIterator[Chunk]
-    first: Chunk
-
-
 class Router:
     def __init__(self, routes: dict[str, Route], resilience: ResilienceConfig) -> None:
         self.routes = routes
         self.timeouts = resilience.timeouts
         self.failover = Failover(resilience)
+        self.stream_recovery = resilience.stream_recovery
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext.of(scope)
@@ -106,11 +100,7 @@ class Router:
         call = self.call_for(ctx)
 
         async def attempt(target: Target, seconds_left: float) -> Completion:
-            try:
-                async with asyncio.timeout(seconds_left):
-                    return await target.upstream.complete(call)
-            except TimeoutError:
-                raise _timeout(target, "no answer within the request deadline") from None
+            return await target.upstream.complete(call)  # the failover loop bounds it
 
         target, completion = await self.failover.run(ctx, route, attempt)
         ctx.provider, ctx.upstream_model = target.provider, completion.model
@@ -126,76 +116,56 @@ class Router:
 
     async def stream(self, ctx: RequestContext, route: Route, send: Send) -> None:
         call = self.call_for(ctx)
-        first_token_s = self.timeouts.first_token
+        request_s = self.timeouts.request
+        loop = asyncio.get_running_loop()
 
-        async def attempt(target: Target, seconds_left: float) -> _OpenStream:
-            limit = min(first_token_s, seconds_left)
-            try:
-                async with asyncio.timeout(limit):
-                    upstream_stream = await target.upstream.open_stream(call)
-                    chunks = aiter(upstream_stream)
-                    try:
-                        first = await anext(chunks)
-                    except BaseException:
-                        await upstream_stream.aclose()
-                        raise
-            except TimeoutError:
-                raise _timeout(target, f"no first token within {limit:g}s") from None
-            except StopAsyncIteration:
-                raise UpstreamProtocolError(
-                    "stream ended before its first chunk",
-                    provider=target.provider,
-                    model=target.model,
-                ) from None
-            return _OpenStream(upstream_stream, chunks, first)
-
-        target, opened = await self.failover.run(ctx, route, attempt)
-        ctx.ttft_s = time.monotonic() - ctx.started
-        try:
-            await relay(ctx, target, opened.first, opened.chunks, send)
-        finally:
-            await opened.stream.aclose()
-
-
-async def relay(
-    ctx: RequestContext,
-    target: Target,
-    first: Chunk,
-    chunks: AsyncIterator[Chunk],
-    send: Send,
-) -> None:
-    """Past the point of no return: forward chunks as they come; a failure now ends the
-    stream with one SSE error event, never with ``[DONE]``."""
-    model = first.model or target.model
-    ctx.provider, ctx.upstream_model = target.provider, model
-    headers = [*SSE_HEADERS, *resillm_headers(ctx, target, model)]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    usage = first.usage
-    try:
-        if first.forward:
-            await send(
-                {"type": "http.response.body", "body": encode_data(first.data), "more_body": True}
+        async def opener(
+            call: UpstreamCall, chain: Sequence[Target] | None, max_attempts: int | None
+        ) -> tuple[Target, OpenStream]:
+            # One deadline for the whole request, recoveries included.
+            deadline = loop.time() + request_s - (time.monotonic() - ctx.started)
+            return await self.failover.run(
+                ctx,
+                route,
+                partial(self.open_attempt, call),
+                chain=chain,
+                max_attempts=max_attempts,
+                deadline=deadline,
             )
-        async for chunk in chunks:
-            if chunk.usage is not None:
-                usage = chunk.usage
-            if chunk.forward:
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": encode_data(chunk.data),
-                        "more_body": True,
-                    }
-                )
-    except UpstreamError as exc:
-        ctx.error = exc.message
-        await send(
-            {"type": "http.response.body", "body": encode_data(exc.body()), "more_body": False}
+
+        target, opened = await opener(call, None, None)
+        ctx.ttft_s = time.monotonic() - ctx.started
+        model = opened.first.model or target.model
+        ctx.provider, ctx.upstream_model = target.provider, model
+        headers = [*SSE_HEADERS, *resillm_headers(ctx, target, model)]
+        relay = StreamRelay(
+            ctx, call, route.chain, opener, recovery=self.stream_recovery, send=send
         )
-        return
-    finally:
-        ctx.usage = usage
-    await send({"type": "http.response.body", "body": DONE_EVENT, "more_body": False})
+        await relay.run(target, opened, headers)
+
+    async def open_attempt(
+        self, call: UpstreamCall, target: Target, seconds_left: float
+    ) -> OpenStream:
+        """Open a stream and read its first chunk within the first-token timeout."""
+        limit = min(self.timeouts.first_token, seconds_left)
+        try:
+            async with asyncio.timeout(limit):
+                upstream_stream = await target.upstream.open_stream(call)
+                chunks = aiter(upstream_stream)
+                try:
+                    first = await anext(chunks)
+                except BaseException:
+                    await upstream_stream.aclose()
+                    raise
+        except TimeoutError:
+            raise _timeout(target, f"no first token within {limit:g}s") from None
+        except StopAsyncIteration:
+            raise UpstreamProtocolError(
+                "stream ended before its first chunk",
+                provider=target.provider,
+                model=target.model,
+            ) from None
+        return OpenStream(upstream_stream, chunks, first)
 
 
 def resillm_headers(ctx: RequestContext, target: Target, model: str) -> Headers:

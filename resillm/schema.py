@@ -248,8 +248,15 @@ class ChatCompletionChunk(_Wire, kw_only=True):
 # -- light views: what the gateway reads from an upstream answer it forwards as-is ------------
 
 
+class DeltaView(msgspec.Struct):
+    content: str | None = None
+    tool_calls: Any = None
+
+
 class ChoiceView(msgspec.Struct):
+    index: int = 0
     finish_reason: str | None = None
+    delta: DeltaView | None = None
 
 
 class CompletionView(msgspec.Struct):

@@ -23,15 +23,23 @@ def target_id(target: TargetConfig) -> str:
 class Target:
     """One entry of an alias's target list, bound to its provider and its circuit."""
 
-    __slots__ = ("circuit", "id", "model", "provider", "upstream", "weight")
+    __slots__ = ("circuit", "id", "model", "prefill", "provider", "upstream", "weight")
 
-    def __init__(self, id: str, upstream: Upstream, circuit: CircuitBreaker, weight: float) -> None:
+    def __init__(
+        self,
+        id: str,
+        upstream: Upstream,
+        circuit: CircuitBreaker,
+        weight: float = 1.0,
+        prefill: bool = False,
+    ) -> None:
         self.id = id
         self.upstream = upstream
         self.provider = upstream.provider
         self.model = upstream.model
         self.circuit = circuit
         self.weight = weight
+        self.prefill = prefill  # continues a trailing assistant message (stream recovery)
 
 
 class Route:
@@ -53,9 +61,11 @@ def build_routes(
     for alias, model in config.models.items():
         targets = []
         for t in model.targets:
-            upstream = providers[t.provider].bind(t.model, api_key=t.api_key, base_url=t.base_url)
+            provider = providers[t.provider]
+            upstream = provider.bind(t.model, api_key=t.api_key, base_url=t.base_url)
             tid = target_id(t)
-            targets.append(Target(tid, upstream, circuits.get(tid), t.weight))
+            prefill = provider.prefill if t.prefill is None else t.prefill
+            targets.append(Target(tid, upstream, circuits.get(tid), t.weight, prefill))
         routes[alias] = Route(alias, model, targets)
     for route in routes.values():
         route.chain = _chain(route, routes)

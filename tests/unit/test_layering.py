@@ -19,8 +19,17 @@ LEAVES = {
     "resillm.metrics",
     "resillm.pricing",
     "resillm.schema",
+    "resillm.usage",
 }
-ROUTING = {"resillm.router", "resillm.retry", "resillm.circuit", "resillm.balance"}
+ROUTING = {
+    "resillm.router",
+    "resillm.relay",
+    "resillm.failover",
+    "resillm.targets",
+    "resillm.retry",
+    "resillm.circuit",
+    "resillm.balance",
+}
 OWN = ("resillm", "middleware", "providers")
 
 
