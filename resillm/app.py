@@ -21,6 +21,7 @@ import msgspec
 from middleware.access_log import AccessLogMiddleware
 from middleware.auth import AuthMiddleware
 from middleware.errors import ErrorsMiddleware
+from middleware.metrics import MetricsMiddleware
 from middleware.request import CHAT_COMPLETIONS, RequestMiddleware
 from providers.base import Provider
 from providers.http import create_session
@@ -37,6 +38,7 @@ from resillm.config_loader import (
 )
 from resillm.context import RequestContext
 from resillm.errors import MethodNotAllowed, NotFound
+from resillm.metrics import Metrics
 from resillm.router import Router
 from resillm.schema import ModelCard, ModelList, json_encoder
 from resillm.targets import Route, build_routes
@@ -65,10 +67,15 @@ class Runtime:
     """One config made runnable: providers bound to targets, and the composed ASGI stacks."""
 
     def __init__(
-        self, config: Config, session: aiohttp.ClientSession, circuits: CircuitRegistry
+        self,
+        config: Config,
+        session: aiohttp.ClientSession,
+        circuits: CircuitRegistry,
+        metrics: Metrics,
     ) -> None:
         self.config = config
         self.circuits = circuits
+        self.metrics = metrics
         self.providers: dict[str, Provider] = {
             name: build_provider(name, provider, session)
             for name, provider in config.providers.items()
@@ -85,6 +92,7 @@ class Runtime:
         layers: list[Callable[[ASGIApp], ASGIApp]] = [  # outermost first
             ErrorsMiddleware,
             partial(AccessLogMiddleware, config=config.logging),
+            partial(MetricsMiddleware, metrics=self.metrics),
             partial(RequestMiddleware, max_request_bytes=config.server.max_request_bytes),
             partial(AuthMiddleware, keys=config.auth.keys, aliases=self.routes.keys()),
         ]
@@ -120,6 +128,17 @@ class Runtime:
             status = self.readiness()
             code = 200 if status.status == "ready" else 503
             await send_json(send, code, json_encoder.encode(status))
+        elif path == "/metrics":
+            accept = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"accept"]
+            content, headers = self.metrics.render(accept)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+                }
+            )
+            await send({"type": "http.response.body", "body": content})
         elif path.startswith("/admin/"):
             await self.admin(scope, receive, send)
         else:
@@ -157,8 +176,12 @@ class Gateway:
         self.config_path = config_path
         self.runtime: Runtime | None = None
         self._session: aiohttp.ClientSession | None = None
-        # Circuit state belongs to targets, not to one config: it outlives reloads.
-        self.circuits = CircuitRegistry(config.resilience.circuit_breaker)
+        # Metrics and circuit state belong to the gateway, not to one config: they outlive
+        # reloads.
+        self.metrics = Metrics()
+        self.circuits = CircuitRegistry(
+            config.resilience.circuit_breaker, listener=self.metrics.circuit_changed
+        )
         self._start_lock = asyncio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -180,7 +203,7 @@ class Gateway:
         async with self._start_lock:
             if self.runtime is None:
                 self._session = create_session()
-                self.runtime = Runtime(self.config, self._session, self.circuits)
+                self.runtime = Runtime(self.config, self._session, self.circuits, self.metrics)
                 if not self.config.auth.keys:
                     logger.warning(
                         "no auth.keys configured: the /v1 routes are open to anyone who can "
@@ -199,12 +222,14 @@ class Gateway:
             config = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as exc:
             logger.error("config reload failed, the running config stays:\n%s", exc)
+            self.metrics.config_reloads.inc({"result": "error"})
             return False
         if config.server != self.config.server:
             logger.warning("server.* changed in %s: restart to apply it", self.config_path)
         self.config = config
         if self.runtime is not None and self._session is not None:
-            self.runtime = Runtime(config, self._session, self.circuits)
+            self.runtime = Runtime(config, self._session, self.circuits, self.metrics)
+        self.metrics.config_reloads.inc({"result": "success"})
         logger.info("config reloaded from %s", self.config_path)
         return True
 

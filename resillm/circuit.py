@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from resillm.config import CircuitBreakerConfig
 
 Clock = Callable[[], float]
+StateListener = Callable[[str, "CircuitState"], None]
 
 
 class CircuitState(enum.IntEnum):
@@ -28,16 +29,46 @@ class CircuitState(enum.IntEnum):
 
 
 class CircuitBreaker:
-    __slots__ = ("_clock", "_opened_at", "config", "failures", "probes", "state", "successes")
+    __slots__ = (
+        "_clock",
+        "_listener",
+        "_opened_at",
+        "_state",
+        "config",
+        "failures",
+        "name",
+        "probes",
+        "successes",
+    )
 
-    def __init__(self, config: CircuitBreakerConfig, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: CircuitBreakerConfig,
+        clock: Clock = time.monotonic,
+        *,
+        name: str = "",
+        listener: StateListener | None = None,
+    ) -> None:
         self.config = config
         self._clock = clock
-        self.state = CircuitState.CLOSED
+        self.name = name
+        self._listener = listener  # told every transition (the resillm_circuit_state gauge)
+        self._state = CircuitState.CLOSED
         self.failures = 0  # consecutive, while closed
         self.successes = 0  # while half-open
         self.probes = 0  # half-open attempts in flight
         self._opened_at = 0.0
+
+    @property
+    def state(self) -> CircuitState:
+        return self._state
+
+    @state.setter
+    def state(self, state: CircuitState) -> None:
+        if state is not self._state:
+            self._state = state
+            if self._listener is not None:
+                self._listener(self.name, state)
 
     def allow(self) -> bool:
         """Admit one attempt now? (Takes a probe slot when half-open.)"""
@@ -104,15 +135,26 @@ class CircuitBreaker:
 class CircuitRegistry:
     """Every target's breaker by target id; outlives config reloads so state is kept."""
 
-    def __init__(self, config: CircuitBreakerConfig, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: CircuitBreakerConfig,
+        clock: Clock = time.monotonic,
+        listener: StateListener | None = None,
+    ) -> None:
         self.config = config
         self._clock = clock
+        self._listener = listener
         self._breakers: dict[str, CircuitBreaker] = {}
 
     def get(self, target_id: str) -> CircuitBreaker:
         breaker = self._breakers.get(target_id)
         if breaker is None:
-            breaker = self._breakers[target_id] = CircuitBreaker(self.config, self._clock)
+            breaker = CircuitBreaker(
+                self.config, self._clock, name=target_id, listener=self._listener
+            )
+            self._breakers[target_id] = breaker
+            if self._listener is not None:
+                self._listener(target_id, breaker.state)
         return breaker
 
     def configure(self, config: CircuitBreakerConfig) -> None:

@@ -18,12 +18,16 @@ class RequestContext:
 
     __slots__ = (
         "alias",
+        "attempt_log",
         "attempts",
         "body",
         "cache",
         "client_key",
+        "cost",
         "error",
+        "fallback_log",
         "fallbacks",
+        "malformed_events",
         "provider",
         "raw",
         "recoveries",
@@ -55,6 +59,12 @@ class RequestContext:
         self.retries = 0
         self.fallbacks = 0
         self.recoveries: list[str] = []  # stream recoveries: continued, restarted, failed
+        # For metrics and traces: (provider, model, outcome, is_retry) per upstream attempt,
+        # (from target, to target) per move along the chain.
+        self.attempt_log: list[tuple[str, str, str, bool]] = []
+        self.fallback_log: list[tuple[str, str]] = []
+        self.malformed_events = 0
+        self.cost: float | None = None
         self.usage: Usage | None = None
         self.ttft_s: float | None = None
         self.status = 0

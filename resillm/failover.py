@@ -22,6 +22,7 @@ from resillm.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from resillm.metrics import attempt_outcome
 from resillm.retry import Backoff, Next, counts_against_target, decide, is_context_length
 from resillm.targets import Route, Target
 
@@ -43,11 +44,15 @@ class Failover:
         chain: Sequence[Target] | None = None,
         max_attempts: int | None = None,
         deadline: float | None = None,
+        settle: bool = True,
     ) -> tuple[Target, T]:
         """Try the chain; ``attempt(target, seconds_left)`` raises ``UpstreamError`` on failure.
 
         ``chain``, ``max_attempts`` (per target) and ``deadline`` (loop time) default to the
-        route's chain, the retry config and now + ``timeouts.request``.
+        route's chain, the retry config and now + ``timeouts.request``. With ``settle``
+        false, a successful attempt leaves the target's circuit unsettled: the caller must
+        call exactly one of ``success``, ``failure`` or ``release`` on it (a stream's
+        verdict comes at its end).
         """
         loop = asyncio.get_running_loop()
         if deadline is None:
@@ -68,6 +73,7 @@ class Failover:
                     raise self.give_up(route, failures or [_deadline(target, self.config)])
                 if previous is not None and previous is not target:
                     ctx.fallbacks += 1
+                    ctx.fallback_log.append((previous.id, target.id))
                 previous = target
                 if not target.circuit.allow():
                     skipped.append(target)
@@ -81,6 +87,9 @@ class Failover:
                         raise _deadline(target, self.config) from None
                 except UpstreamError as exc:
                     failures.append(exc)
+                    ctx.attempt_log.append(
+                        (target.provider, target.model, attempt_outcome(exc), retry > 0)
+                    )
                     step = decide(exc, others_left=others_left)
                     if step is Next.CLIENT:
                         target.circuit.release()
@@ -105,7 +114,9 @@ class Failover:
                     target.circuit.release()
                     raise
                 else:
-                    target.circuit.success()
+                    if settle:
+                        target.circuit.success()
+                    ctx.attempt_log.append((target.provider, target.model, "success", retry > 0))
                     return target, result
         if not failures and skipped:
             raise CircuitOpen(route.alias, min(t.circuit.retry_in() for t in skipped))

@@ -115,9 +115,13 @@ class StreamRelay:
         self.resume: _Resume | None = None
 
     async def run(self, target: Target, opened: OpenStream, headers: Headers) -> None:
-        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+        """Relay ``opened`` (and what recovers it). The failover loop left each target's
+        circuit unsettled: a stream is a success only once it ends well, so a target whose
+        streams keep dying mid-way does open its circuit."""
         self.first_data = opened.first.data
+        settled = False
         try:
+            await self.send({"type": "http.response.start", "status": 200, "headers": headers})
             while True:
                 try:
                     await self.forward(opened.first)
@@ -125,19 +129,29 @@ class StreamRelay:
                         await self.forward(chunk)
                     break
                 except UpstreamError as exc:
+                    self.ctx.malformed_events += getattr(opened.stream, "malformed", 0)
                     await opened.stream.aclose()
                     self.end_call(failed=True)
-                    if not isinstance(exc, Diverged):
+                    diverged = isinstance(exc, Diverged)
+                    if diverged:  # not the target's fault
+                        target.circuit.release()
+                    else:
                         target.circuit.failure()
-                    resumed = None if isinstance(exc, Diverged) else await self.recover(target)
+                    settled = True
+                    resumed = None if diverged else await self.recover(target)
                     if resumed is None:
                         self.ctx.error = exc.message
                         await self.send_body(encode_data(exc.body()), more=False)
                         return
-                    target, opened = resumed
+                    (target, opened), settled = resumed, False
+            target.circuit.success()
+            settled = True
             self.end_call(failed=False)
+            self.ctx.malformed_events += getattr(opened.stream, "malformed", 0)
             await self.send_body(DONE_EVENT, more=False)
         finally:
+            if not settled:  # cancelled: the client left, or the server is stopping
+                target.circuit.release()
             await opened.stream.aclose()
             self.ctx.usage = self.usage_total
 

@@ -131,6 +131,7 @@ class Router:
                 chain=chain,
                 max_attempts=max_attempts,
                 deadline=deadline,
+                settle=False,  # the relay settles the circuit when the stream ends
             )
 
         target, opened = await opener(call, None, None)

@@ -1,0 +1,117 @@
+"""Prometheus collectors (SPEC section 7), one registry per gateway, through aioprometheus.
+
+aioprometheus has been quiet since 2023, so it stays behind this module: collectors are
+built per app (no global registry: two gateways in one process, and the tests, never
+collide) and rendered with its text formatter. Labels are low-cardinality only: aliases,
+provider names, target ids, statuses, outcomes — never request ids or raw paths.
+"""
+
+from __future__ import annotations
+
+from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
+from aioprometheus.renderer import render
+
+from resillm.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+
+# From a cached answer in milliseconds to a long generation in minutes.
+LATENCY_BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+NONE = "none"
+
+
+def attempt_outcome(error: UpstreamError | None) -> str:
+    """The ``outcome`` label of ``resillm_upstream_attempts_total``."""
+    if error is None:
+        return "success"
+    if isinstance(error, UpstreamStatusError):
+        if error.status == 429:
+            return "rate_limited"
+        return "server_error" if error.status >= 500 else "client_error"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, UpstreamConnectError):
+        return "connection_error"
+    if isinstance(error, UpstreamProtocolError):
+        return "protocol_error"
+    return "error"
+
+
+class Metrics:
+    """Every collector the gateway exports. Owned by the gateway, so it survives reloads."""
+
+    def __init__(self) -> None:
+        self.registry = registry = Registry()
+        self.requests = Counter(
+            "resillm_requests_total", "Client requests by alias, provider and status.",
+            registry=registry,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "resillm_request_duration_seconds", "Whole request time, streams to their end.",
+            registry=registry, buckets=LATENCY_BUCKETS_S,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "resillm_time_to_first_token_seconds", "Time until a stream's first chunk.",
+            registry=registry, buckets=LATENCY_BUCKETS_S,
+        )  # fmt: skip
+        self.upstream_attempts = Counter(
+            "resillm_upstream_attempts_total", "Upstream attempts by provider, model and outcome.",
+            registry=registry,
+        )  # fmt: skip
+        self.retries = Counter(
+            "resillm_retries_total", "Attempts that repeated a target after a failure.",
+            registry=registry,
+        )  # fmt: skip
+        self.fallbacks = Counter(
+            "resillm_fallbacks_total", "Moves from one target to the next within a request.",
+            registry=registry,
+        )  # fmt: skip
+        self.circuit_state = Gauge(
+            "resillm_circuit_state", "Circuit per target: 0 closed, 1 half-open, 2 open.",
+            registry=registry,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "resillm_tokens_total", "Tokens by alias, provider and kind (prompt, completion).",
+            registry=registry,
+        )  # fmt: skip
+        self.cost = Counter(
+            "resillm_cost_usd_total", "Spend in USD by alias and provider.", registry=registry
+        )
+        self.cache_requests = Counter(
+            "resillm_cache_requests_total", "Cache lookups by result (hit, miss).",
+            registry=registry,
+        )  # fmt: skip
+        self.budget_spent = Gauge(
+            "resillm_budget_spent_usd", "Spend in the current window (hour, day).",
+            registry=registry,
+        )  # fmt: skip
+        self.config_reloads = Counter(
+            "resillm_config_reloads_total", "Config reloads by result (success, error).",
+            registry=registry,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "resillm_inflight_requests", "Requests being served now.", registry=registry
+        )
+        self.stream_recoveries = Counter(
+            "resillm_stream_recoveries_total",
+            "Streams that died mid-way, by recovery outcome (continued, restarted, failed).",
+            registry=registry,
+        )
+        self.malformed_events = Counter(
+            "resillm_stream_malformed_events_total", "Malformed upstream stream events skipped.",
+            registry=registry,
+        )  # fmt: skip
+        self.inflight.set({}, 0)
+
+    def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
+        content, headers = render(self.registry, accept)
+        return content, dict(headers)
+
+    def circuit_changed(self, target_id: str, state: int) -> None:
+        self.circuit_state.set({"target": target_id}, state)
