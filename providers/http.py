@@ -21,6 +21,7 @@ from resillm.errors import (
 MAX_ERROR_BODY_BYTES = 64 * 1024
 DNS_CACHE_S = 300
 KEEPALIVE_S = 60.0
+MIN_SECRET_CHARS = 8
 
 
 def create_session() -> aiohttp.ClientSession:
@@ -111,7 +112,7 @@ _KEY_LIKE_RE = re.compile(r"\b(?:sk|pk|rk|sess)[-_][A-Za-z0-9_*\-.]{8,}|\bAKIA[0
 
 def redact_secrets(text: str, secret: str | None) -> str:
     """Upstream messages echo keys ("Incorrect API key provided: sk-...") — never pass them on."""
-    if secret:
+    if secret and len(secret) >= MIN_SECRET_CHARS:  # a short "key" would mangle plain words
         text = text.replace(secret, "***")
     return _KEY_LIKE_RE.sub("***", text)
 

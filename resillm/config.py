@@ -77,6 +77,26 @@ class OpenAICompatibleProviderConfig(
     api_key: str | None = None
 
 
+class AnthropicProviderConfig(_ProviderBase, tag="anthropic", frozen=True, kw_only=True):
+    api_key: str | None = None
+    base_url: str = "https://api.anthropic.com"
+    anthropic_version: str = "2023-06-01"
+    anthropic_beta: list[str] = msgspec.field(default_factory=list)
+    # Anthropic requires max_tokens; used when the client sent neither max_tokens nor
+    # max_completion_tokens.
+    default_max_tokens: PositiveInt = 4096
+
+
+class BedrockProviderConfig(_ProviderBase, tag="bedrock", frozen=True, kw_only=True):
+    region: NonEmptyStr
+    profile: str | None = None
+    base_url: str | None = None  # endpoint override: VPC endpoints, proxies, tests
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    api_key: str | None = None  # a Bedrock API key (bearer token) instead of SigV4
+
+
 class MockProviderConfig(_ProviderBase, tag="mock", frozen=True, kw_only=True):
     latency: Duration = Duration(0.0)
     chunk_delay: Duration = Duration(0.0)
@@ -87,9 +107,14 @@ class MockProviderConfig(_ProviderBase, tag="mock", frozen=True, kw_only=True):
 
 
 ProviderConfig = (
-    OpenAIProviderConfig | AzureProviderConfig | OpenAICompatibleProviderConfig | MockProviderConfig
+    OpenAIProviderConfig
+    | AzureProviderConfig
+    | OpenAICompatibleProviderConfig
+    | AnthropicProviderConfig
+    | BedrockProviderConfig
+    | MockProviderConfig
 )
-PROVIDER_TYPES = ("openai", "azure", "openai_compatible", "mock")
+PROVIDER_TYPES = ("openai", "azure", "openai_compatible", "anthropic", "bedrock", "mock")
 
 
 class TargetConfig(_Section, frozen=True):

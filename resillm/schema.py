@@ -57,7 +57,9 @@ class FunctionCall(_Wire, kw_only=True):
     arguments: str
 
 
-class ToolCall(_Wire, kw_only=True):
+class ToolCall(_Wire, omit_defaults=False, kw_only=True):
+    """``type`` is always encoded: strict clients need ``"type": "function"``."""
+
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall

@@ -161,8 +161,9 @@ class AnthropicStream:
         usage = {"output_tokens": self._answer.completion_tokens}
         return _event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
 
-    def end(self) -> bytes:
-        return _event("message_stop", {"type": "message_stop"})
+    def end(self, *, done: bool = True) -> bytes:
+        """`message_stop`, Anthropic's `[DONE]`, unless `done` is false."""
+        return _event("message_stop", {"type": "message_stop"}) if done else b""
 
     def malformed(self) -> bytes:
         return b"event: content_block_delta\ndata: {not json\n\n"

@@ -183,11 +183,13 @@ class OpenAIStream:
     def finish(self) -> bytes:
         return self._chunk({}, self._answer.finish_reason)
 
-    def end(self) -> bytes:
+    def end(self, *, done: bool = True) -> bytes:
+        """The usage chunk when asked for, then `[DONE]` unless `done` is false."""
+        tail = _DONE if done else b""
         if not self._include_usage:
-            return _DONE
+            return tail
         usage_chunk = {**self._head, "choices": [], "usage": _usage(self._answer)}
-        return b"data: " + _ENCODE(usage_chunk) + b"\n\n" + _DONE
+        return b"data: " + _ENCODE(usage_chunk) + b"\n\n" + tail
 
     def malformed(self) -> bytes:
         return b"data: {not json\n\n"

@@ -11,7 +11,8 @@ class MockUpstreamOptions:
 
     Durations are seconds. Fault positions count content chunks: `cut_after=2` sends two
     content chunks, then drops the connection. A position at or past the number of chunks
-    applies after the last content chunk, before the finish reason.
+    applies after the last content chunk, before the finish reason. `down_for=5` fails
+    every request (with `fail_status`) for five seconds after the first one, then recovers.
     """
 
     fail_rate: float = 0.0
@@ -29,6 +30,10 @@ class MockUpstreamOptions:
     malformed_at: int | None = None
     error_event_after: int | None = None
     no_finish: bool = False
+    omit_done: bool = False
+    hang: bool = False
+    reset: bool = False
+    down_for: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fail_rate <= 1.0:
@@ -39,6 +44,8 @@ class MockUpstreamOptions:
             raise ValueError(f"chunks must be at least 1, got {self.chunks}")
         if self.latency < 0 or self.chunk_delay < 0:
             raise ValueError("latency and chunk_delay must not be negative")
+        if self.down_for is not None and not self.down_for >= 0:
+            raise ValueError(f"down_for must be seconds >= 0, got {self.down_for}")
 
 
 @dataclass
@@ -46,9 +53,10 @@ class MockUpstreamStats:
     """Counters over the API requests (chat completions and messages) served so far.
 
     `requests == active + completed + disconnected + aborted` once a request has begun.
-    `aborted` counts connections the mock dropped on purpose (`x-mock-cut-after`);
-    `disconnected` counts requests whose client went away before the answer was complete.
-    `last_headers` has lower-cased names.
+    `aborted` counts connections the mock dropped on purpose (`x-mock-cut-after`,
+    `x-mock-reset`); `disconnected` counts requests whose client went away before the answer
+    was complete. `by_model` counts the authorised requests per model named in the body (a
+    gateway's target model), failed ones included. `last_headers` has lower-cased names.
     """
 
     requests: int = 0
@@ -57,5 +65,6 @@ class MockUpstreamStats:
     disconnected: int = 0
     aborted: int = 0
     failed: int = 0
+    by_model: dict[str, int] = field(default_factory=dict)
     last_request_json: object = None
     last_headers: dict[str, str] = field(default_factory=dict)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import signal
-import uuid
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import NoReturn, Protocol
@@ -21,6 +23,7 @@ from resillm.mock_upstream.options import MockUpstreamOptions, MockUpstreamStats
 _STALL_POLL_S = 0.05
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 _MOCK_MODEL = "mock-model"
+_MAX_REQUEST_BYTES = 64 * 1024 * 1024  # aiohttp's default, 1 MiB, is below what providers take
 
 
 class StreamEvents(Protocol):
@@ -30,7 +33,7 @@ class StreamEvents(Protocol):
     def piece(self, text: str) -> bytes: ...
     def content_end(self) -> bytes: ...
     def finish(self) -> bytes: ...
-    def end(self) -> bytes: ...
+    def end(self, *, done: bool = True) -> bytes: ...
     def malformed(self) -> bytes: ...
     def error_event(self) -> bytes: ...
 
@@ -99,7 +102,7 @@ _STATE = web.AppKey("resillm_mock_upstream", _State)
 
 
 class _ConnectionCut(Exception):
-    """The mock dropped the connection on purpose; `response` is handed back to aiohttp.
+    """The mock dropped (or reset) the connection on purpose; `response` is handed back.
 
     Returning it (rather than raising) lets aiohttp find the transport closed when it
     finishes the response and treat it as a premature disconnection, quietly.
@@ -150,11 +153,20 @@ async def _answer(request: web.Request, api: _Api, state: _State) -> web.StreamR
     state.stats.last_request_json = body
     try:
         prompt = api.parse(body, request)
-        faults = state.faults.for_request(request.headers)
-    except (msgspec.ValidationError, FaultHeaderError) as exc:
+    except msgspec.ValidationError as exc:
+        return _error(api, 400, str(exc))
+    by_model = state.stats.by_model
+    by_model[prompt.model] = by_model.get(prompt.model, 0) + 1
+    try:
+        faults = state.faults.for_request(request.headers, prompt.model)
+    except FaultHeaderError as exc:
         return _error(api, 400, str(exc))
     if faults.latency:
         await asyncio.sleep(faults.latency)
+    if faults.hang:
+        await _stall(request)
+    if faults.reset:
+        _reset(request)
     if faults.fail_status is not None:
         state.stats.failed += 1
         response = _error(api, faults.fail_status, None, faults.fail_code)
@@ -185,7 +197,7 @@ async def _stream(
 
     malformed_at, cut_after = at(faults.malformed_at), at(faults.cut_after)
     stall_after, error_after = at(faults.stall_after), at(faults.error_event_after)
-    response = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": uuid.uuid4().hex})
+    response = web.StreamResponse(headers=_SSE_HEADERS)
     await response.prepare(request)
     await response.write(events.prelude())
     for index in range(count + 1):
@@ -208,7 +220,8 @@ async def _stream(
         await response.write(content_end)
     if not faults.no_finish:
         await response.write(events.finish())
-    await response.write(events.end())
+    if end := events.end(done=not faults.omit_done):
+        await response.write(end)
     await response.write_eof()
     return response
 
@@ -220,6 +233,19 @@ def _cut(request: web.Request, response: web.StreamResponse) -> NoReturn:
     raise _ConnectionCut(response)
 
 
+def _reset(request: web.Request) -> NoReturn:
+    """Reset the connection: with a zero linger, closing it sends a TCP RST, not a FIN."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Where the platform will not, a plain close is the nearest thing.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    raise _ConnectionCut(web.Response())
+
+
 async def _stall(request: web.Request) -> None:
     """Send nothing more until the client goes away.
 
@@ -228,7 +254,7 @@ async def _stall(request: web.Request) -> None:
     """
     while request.transport is not None and not request.transport.is_closing():  # noqa: ASYNC110
         await asyncio.sleep(_STALL_POLL_S)
-    raise ConnectionResetError("client went away during x-mock-stall-after")
+    raise ConnectionResetError("client went away during x-mock-stall-after or x-mock-hang")
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -261,7 +287,7 @@ def build_mock_app(options: MockUpstreamOptions) -> web.Application:
     Run it with `handler_cancellation=True` so that a client going away ends its handler
     at once (`start_mock_upstream` and `run_mock_upstream` do).
     """
-    app = web.Application()
+    app = web.Application(client_max_size=_MAX_REQUEST_BYTES)
     app[_STATE] = _State(options)
     app.router.add_post("/v1/chat/completions", _api_route(_OPENAI))
     app.router.add_post("/openai/deployments/{name}/chat/completions", _api_route(_AZURE))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import AsyncIterator
 
@@ -27,15 +28,7 @@ WEATHER_TOOL: ChatCompletionToolParam = {
 }
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[MockUpstream]:
-    async with await start_mock_upstream(MockUpstreamOptions()) as server:
-        yield server
+# `anyio_backend` and `upstream` (default options) come from tests/conftest.py.
 
 
 @pytest.fixture
@@ -453,6 +446,237 @@ async def test_no_finish_ends_cleanly_without_a_finish_reason(
     chunks = [msgspec.json.decode(item) for item in data[:-1]]
     assert len(chunks) == 9
     assert all(chunk["choices"][0]["finish_reason"] is None for chunk in chunks)
+
+
+async def test_omit_done_sends_the_finish_and_usage_then_ends_cleanly_without_done(
+    upstream: MockUpstream, http: aiohttp.ClientSession, claude: anthropic.AsyncAnthropic
+) -> None:
+    body = {
+        "model": "m",
+        "messages": HELLO,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    data = await sse_data(
+        http, upstream.url + "/v1/chat/completions", body, {"x-mock-omit-done": "1"}
+    )
+
+    assert "[DONE]" not in data
+    chunks = [msgspec.json.decode(item) for item in data]
+    assert len(chunks) == 1 + 8 + 1 + 1  # role, words, finish, usage
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] == 8
+    assert upstream.stats.completed == 1  # a clean end of the body, not a cut
+
+    # Anthropic's `[DONE]` is `message_stop`.
+    async with claude.messages.stream(
+        model="c", max_tokens=100, messages=CLAUDE_HELLO, extra_headers={"x-mock-omit-done": "1"}
+    ) as stream:
+        kinds = [event.type async for event in stream]
+    assert "message_stop" not in kinds
+    assert kinds[-1] == "message_delta"
+
+
+async def test_omit_done_with_no_finish_ends_with_neither(
+    upstream: MockUpstream, http: aiohttp.ClientSession
+) -> None:
+    body = {"model": "m", "messages": HELLO, "stream": True}
+    headers = {"x-mock-omit-done": "1", "x-mock-no-finish": "1"}
+    data = await sse_data(http, upstream.url + "/v1/chat/completions", body, headers)
+
+    chunks = [msgspec.json.decode(item) for item in data]  # no `[DONE]` to decode
+    assert len(chunks) == 1 + 8
+    assert all(chunk["choices"][0]["finish_reason"] is None for chunk in chunks)
+
+
+async def post_status(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], model: str = "m"
+) -> tuple[int, str | None]:
+    body = {"model": model, "messages": HELLO}
+    async with http.post(url + "/v1/chat/completions", json=body, headers=headers) as response:
+        await response.read()
+        return response.status, response.headers.get("retry-after")
+
+
+async def test_down_for_fails_for_that_long_after_the_first_request_then_recovers(
+    upstream: MockUpstream, http: aiohttp.ClientSession
+) -> None:
+    down = {"x-mock-down-for": "0.3", "x-mock-retry-after": "0.1"}
+    started = time.monotonic()
+    assert await post_status(http, upstream.url, down) == (503, "0.1")
+    assert await post_status(http, upstream.url, {}) == (200, None)  # others are not affected
+    assert await post_status(http, upstream.url, down) == (503, "0.1")
+    await anyio.sleep(0.35 - (time.monotonic() - started))
+    assert await post_status(http, upstream.url, down) == (200, None)
+    assert await post_status(http, upstream.url, down) == (200, None)
+
+    # Another duration is another outage, from its own first request, in its fail-status.
+    other = {"x-mock-down-for": "5", "x-mock-fail-status": "500"}
+    assert await post_status(http, upstream.url, other) == (500, None)
+
+
+async def test_down_for_option_takes_the_whole_server_down_for_a_while(
+    http: aiohttp.ClientSession,
+) -> None:
+    options = MockUpstreamOptions(down_for=0.2, fail_status=502)
+    async with await start_mock_upstream(options) as server:
+        first = await post_status(http, server.url, {})
+        await anyio.sleep(0.25)
+        later = await post_status(http, server.url, {})
+    assert (first, later) == ((502, None), (200, None))
+    with pytest.raises(ValueError, match="down_for"):
+        MockUpstreamOptions(down_for=-1)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("headers", [{"x-mock-reset": "1"}, {"x-mock-fault": "reset"}])
+async def test_reset_sends_a_tcp_reset_before_any_byte(
+    upstream: MockUpstream, http: aiohttp.ClientSession, headers: dict[str, str], stream: bool
+) -> None:
+    body = {"model": "m", "messages": HELLO, "stream": stream}
+    with pytest.raises(aiohttp.ClientOSError) as caught:
+        async with http.post(
+            upstream.url + "/v1/chat/completions", json=body, headers=headers
+        ) as response:
+            await response.read()
+
+    assert caught.value.errno == errno.ECONNRESET  # a reset, not the clean close of cut-after
+    assert (upstream.stats.aborted, upstream.stats.completed) == (1, 0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_hang_sends_nothing_until_the_client_gives_up(
+    upstream: MockUpstream, http: aiohttp.ClientSession, stream: bool
+) -> None:
+    body = {"model": "m", "messages": HELLO, "stream": stream}
+    with pytest.raises(TimeoutError):
+        async with http.post(
+            upstream.url + "/v1/chat/completions",
+            json=body,
+            headers={"x-mock-fault": "hang"},
+            timeout=aiohttp.ClientTimeout(total=0.3),
+        ):
+            pass  # not reached: not even the status line comes
+
+    with anyio.fail_after(2):
+        while upstream.stats.disconnected == 0:  # noqa: ASYNC110 - plain counters, polled
+            await anyio.sleep(0.01)
+    assert (upstream.stats.active, upstream.stats.completed) == (0, 0)
+
+
+@pytest.mark.parametrize("pick", ["header", "model"])
+async def test_named_faults_pick_a_scenario_by_header_or_by_model(
+    upstream: MockUpstream, http: aiohttp.ClientSession, pick: str
+) -> None:
+    url = upstream.url + "/v1/chat/completions"
+
+    def request(names: str, stream: bool = False) -> tuple[dict[str, object], dict[str, str]]:
+        if pick == "header":
+            return {"model": "m", "messages": HELLO, "stream": stream}, {"x-mock-fault": names}
+        return {"model": "mock-fault:" + names, "messages": HELLO, "stream": stream}, {}
+
+    async def status_of(names: str) -> tuple[int, dict[str, object]]:
+        body, headers = request(names)
+        async with http.post(url, json=body, headers=headers) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def data_of(names: str) -> list[str]:
+        body, headers = request(names, stream=True)
+        return await sse_data(http, url, body, headers)
+
+    assert [(await status_of("fail-first-2"))[0] for _ in range(3)] == [503, 503, 200]
+    body, headers = request("429")
+    async with http.post(url, json=body, headers=headers) as response:
+        assert (response.status, response.headers["retry-after"]) == (429, "0")
+    for name, code in (
+        ("context-length", "context_length_exceeded"),
+        ("content-policy", "content_policy_violation"),
+    ):
+        status, answer = await status_of(name)
+        assert (status, answer["error"]["code"]) == (400, code)  # type: ignore[index]
+    assert (await status_of("504"))[0] == 504
+
+    started = time.monotonic()
+    assert (await status_of("slow-first-byte"))[0] == 200
+    assert time.monotonic() - started >= 1.0
+
+    assert "{not json" in await data_of("malformed-1")
+    error_event = await data_of("error-event-2")
+    assert len(error_event) == 1 + 2 + 1 and "error" in error_event[-1]
+    assert "[DONE]" not in await data_of("omit-done")
+    no_finish = await data_of("no-finish")
+    assert no_finish[-1] == "[DONE]" and '"finish_reason":"stop"' not in "".join(no_finish)
+    body, headers = request("cut-3", stream=True)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await sse_data(http, url, body, headers)
+
+    # Several at once: the first two requests fail, the third is cut after one chunk. This
+    # list counts its own two failures, apart from the plain `fail-first-2` above.
+    assert (await status_of("fail-first-2,cut-1"))[0] == 503
+    assert (await status_of("fail-first-2,cut-1"))[0] == 503
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await status_of("fail-first-2,cut-1")
+
+    assert [(await status_of("down-300ms"))[0] for _ in range(2)] == [503, 503]
+    await anyio.sleep(0.35)
+    assert (await status_of("down-300ms"))[0] == 200
+    assert (await status_of("down-1s"))[0] == 503
+
+
+async def test_stalled_named_fault_sends_chunks_then_nothing(
+    upstream: MockUpstream, http: aiohttp.ClientSession
+) -> None:
+    body = {"model": "mock-fault:stall-2", "messages": HELLO, "stream": True}
+    found: list[bytes] = []
+    with pytest.raises(TimeoutError):
+        async with http.post(
+            upstream.url + "/v1/chat/completions",
+            json=body,
+            timeout=aiohttp.ClientTimeout(sock_read=0.3),
+        ) as response:
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    found.append(line)
+    assert len(found) == 1 + 2  # the role chunk and two words
+
+
+async def test_explicit_headers_win_over_named_faults_and_model_names(
+    upstream: MockUpstream, http: aiohttp.ClientSession
+) -> None:
+    headers = {"x-mock-fault": "429", "x-mock-retry-after": "2"}
+    assert await post_status(http, upstream.url, headers) == (429, "2")
+    # The header's names win over the model's.
+    status = await post_status(http, upstream.url, {"x-mock-fault": "500"}, "mock-fault:502")
+    assert status == (500, None)
+    assert await post_status(http, upstream.url, {}, "mock-fault:502") == (502, None)
+    assert upstream.stats.by_model == {"m": 1, "mock-fault:502": 2}
+
+
+@pytest.mark.parametrize(
+    ("headers", "model", "named"),
+    [
+        ({"x-mock-fault": "explode"}, "m", "x-mock-fault: unknown fault 'explode'"),
+        ({"x-mock-fault": "cut-3,nope"}, "m", "unknown fault 'nope'"),
+        ({}, "mock-fault:cut-x", "model mock-fault:cut-x: unknown fault 'cut-x'"),
+        ({"x-mock-down-for": "soon"}, "m", "x-mock-down-for"),
+    ],
+)
+async def test_unknown_named_faults_get_400_listing_the_known_ones(
+    upstream: MockUpstream,
+    http: aiohttp.ClientSession,
+    headers: dict[str, str],
+    model: str,
+    named: str,
+) -> None:
+    body = {"model": model, "messages": HELLO}
+    async with http.post(
+        upstream.url + "/v1/chat/completions", json=body, headers=headers
+    ) as response:
+        assert response.status == 400
+        message = (await response.json())["error"]["message"]
+    assert named in message
+    if "unknown fault" in named:
+        assert "fail-first-N" in message and "omit-done" in message
 
 
 # --- request validation, auth and the side routes -----------------------------------------

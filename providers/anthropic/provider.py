@@ -1,0 +1,214 @@
+"""The Anthropic Messages API adapter: HTTP, headers, connection limits, stream reading.
+
+Translation lives in :mod:`request`, :mod:`response` and :mod:`stream`; this module only
+moves bytes: one ``POST {base_url}/v1/messages`` per attempt on the shared session, under
+the provider's connection cap, with failures mapped by ``upstream_errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+import aiohttp
+
+from providers.anthropic.request import AnthropicRequest, to_anthropic
+from providers.anthropic.response import from_anthropic, with_context_code
+from providers.anthropic.stream import StreamTranslator
+from providers.anthropic.wire import request_encoder
+from providers.base import Chunk, ChunkStream, Completion, UpstreamCall
+from providers.http import status_error, upstream_errors
+from providers.sse import SSEDecoder
+from resillm.config import AnthropicProviderConfig
+from resillm.errors import UpstreamError, UpstreamStatusError
+
+MESSAGES_PATH = "/v1/messages"
+
+
+class AnthropicProvider:
+    """One configured Anthropic provider; binds targets to upstreams."""
+
+    def __init__(
+        self, name: str, config: AnthropicProviderConfig, session: aiohttp.ClientSession
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.session = session
+        # Anthropic continues a trailing assistant message: stream recovery can use it.
+        self.prefill = config.prefill if config.prefill is not None else True
+        self.limit = asyncio.Semaphore(config.max_connections)
+
+    def bind(self, model: str, *, api_key: str | None, base_url: str | None) -> AnthropicUpstream:
+        config = self.config
+        key = api_key if api_key is not None else config.api_key
+        url = (base_url or config.base_url).rstrip("/") + MESSAGES_PATH
+        headers = {
+            "Content-Type": "application/json",
+            "anthropic-version": config.anthropic_version,
+        }
+        if config.anthropic_beta:
+            headers["anthropic-beta"] = ",".join(config.anthropic_beta)
+        headers.update(config.headers)
+        if key:
+            headers["x-api-key"] = key
+        return AnthropicUpstream(self, model, url, headers, key)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class AnthropicUpstream:
+    """The provider bound to one model (and key)."""
+
+    def __init__(
+        self,
+        provider: AnthropicProvider,
+        model: str,
+        url: str,
+        headers: dict[str, str],
+        secret: str | None,
+    ) -> None:
+        self.provider = provider.name
+        self.model = model
+        self._owner = provider
+        self.url = url
+        self.headers = headers
+        self._secret = secret
+        self._connect = aiohttp.ClientTimeout(
+            total=None, sock_connect=provider.config.connect_timeout
+        )
+        self._timeout_s = provider.config.timeout
+
+    def translate(self, call: UpstreamCall) -> AnthropicRequest:
+        """Raises ``InvalidRequest`` (a 400, no failover) for what Anthropic cannot express."""
+        return to_anthropic(
+            call.request, call.raw, model=self.model, config=self._owner.config, stream=call.stream
+        )
+
+    async def _error(self, response: aiohttp.ClientResponse) -> UpstreamStatusError:
+        error = await status_error(response, self.provider, self.model, self._secret)
+        return with_context_code(error)
+
+    async def complete(self, call: UpstreamCall) -> Completion:
+        translated = self.translate(call)
+        data = request_encoder.encode(translated.body)
+        with upstream_errors(self.provider, self.model):
+            async with (
+                self._owner.limit,
+                asyncio.timeout(self._timeout_s),
+                self._owner.session.post(
+                    self.url, data=data, headers=self.headers, timeout=self._connect
+                ) as response,
+            ):
+                if response.status != 200:
+                    raise await self._error(response)
+                body = await response.read()
+        return from_anthropic(
+            body,
+            provider=self.provider,
+            model=self.model,
+            prefill_suffix=translated.prefill_suffix,
+        )
+
+    async def open_stream(self, call: UpstreamCall) -> ChunkStream:
+        translated = self.translate(call)
+        data = request_encoder.encode(translated.body)
+        limit = self._owner.limit
+        await limit.acquire()
+        try:
+            with upstream_errors(self.provider, self.model):
+                async with asyncio.timeout(self._timeout_s):
+                    response = await self._owner.session.post(
+                        self.url, data=data, headers=self.headers, timeout=self._connect
+                    )
+                if response.status != 200:
+                    try:
+                        raise await self._error(response)
+                    finally:
+                        response.release()
+        except BaseException:
+            limit.release()
+            raise
+        translator = StreamTranslator(
+            provider=self.provider,
+            model=self.model,
+            include_usage=call.include_usage,
+            prefill_suffix=translated.prefill_suffix,
+        )
+        return AnthropicChunkStream(self, response, translator, call.stream_idle_s, limit.release)
+
+
+class AnthropicChunkStream:
+    """Reads an Anthropic SSE answer through a ``StreamTranslator``; what came before a
+    failure is delivered first, then the failure is raised."""
+
+    def __init__(
+        self,
+        upstream: AnthropicUpstream,
+        response: aiohttp.ClientResponse,
+        translator: StreamTranslator,
+        idle_s: float | None,
+        release: Callable[[], None],
+    ) -> None:
+        self._upstream = upstream
+        self._response = response
+        self.translator = translator
+        self._idle_s = idle_s
+        self._release = release
+        self._decoder = SSEDecoder()
+        self._pending: deque[Chunk] = deque()
+        self._started = False
+        self._ended = False
+        self._closed = False
+        self._failure: UpstreamError | None = None
+
+    def __aiter__(self) -> AnthropicChunkStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        while not self._pending:
+            if self._ended:
+                if self._failure is not None:
+                    raise self._failure
+                raise StopAsyncIteration
+            await self._read()
+        return self._pending.popleft()
+
+    async def _read(self) -> None:
+        upstream = self._upstream
+        with upstream_errors(upstream.provider, upstream.model):
+            # The idle limit applies between chunks; the first is the router's to time.
+            async with asyncio.timeout(self._idle_s if self._started else None):
+                data = await self._response.content.readany()
+        events = self._decoder.feed(data) if data else self._decoder.flush()
+        try:
+            for event in events:
+                self._pending.extend(self.translator.feed(event))
+                if self.translator.stopped:
+                    break
+            self._started = self._started or bool(self._pending)
+            if self.translator.stopped or not data:
+                self.translator.check_complete()
+                self._end(failure=None)
+        except UpstreamError as exc:
+            self._end(failure=exc)
+
+    def _end(self, failure: UpstreamError | None) -> None:
+        self._ended = True
+        self._failure = failure
+        self._close_response(reuse=failure is None)
+
+    def _close_response(self, *, reuse: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if reuse:
+            self._response.release()
+        else:
+            self._response.close()
+        self._release()
+
+    async def aclose(self) -> None:
+        # Before the end the connection is mid-answer and cannot be reused: close it.
+        self._close_response(reuse=self._ended and self._failure is None)

@@ -1,0 +1,1 @@
+"""Fake upstream servers for the integration tests (loopback only)."""
