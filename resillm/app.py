@@ -28,6 +28,7 @@ from providers.http import create_session
 from providers.registry import build_provider
 from resillm.admin.api import AdminAPI
 from resillm.asgi import ASGIApp, Receive, Scope, Send, route_path, send_json
+from resillm.balance import StatsRegistry
 from resillm.circuit import CircuitRegistry
 from resillm.config import Config
 from resillm.config_loader import (
@@ -72,16 +73,18 @@ class Runtime:
         session: aiohttp.ClientSession,
         circuits: CircuitRegistry,
         metrics: Metrics,
+        stats: StatsRegistry | None = None,
     ) -> None:
         self.config = config
         self.circuits = circuits
         self.metrics = metrics
+        self.stats = stats or StatsRegistry()
         self.providers: dict[str, Provider] = {
             name: build_provider(name, provider, session)
             for name, provider in config.providers.items()
         }
         circuits.configure(config.resilience.circuit_breaker)
-        self.routes = build_routes(config, self.providers, circuits)
+        self.routes = build_routes(config, self.providers, circuits, self.stats)
         self.router = Router(self.routes, config.resilience)
         self.admin = AdminAPI(config.auth.admin_key, lambda: self.routes)
         self.v1 = self.v1_stack()
@@ -182,6 +185,7 @@ class Gateway:
         self.circuits = CircuitRegistry(
             config.resilience.circuit_breaker, listener=self.metrics.circuit_changed
         )
+        self.stats = StatsRegistry()  # latency and load per target, for the balancer
         self._start_lock = asyncio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -203,7 +207,9 @@ class Gateway:
         async with self._start_lock:
             if self.runtime is None:
                 self._session = create_session()
-                self.runtime = Runtime(self.config, self._session, self.circuits, self.metrics)
+                self.runtime = Runtime(
+                    self.config, self._session, self.circuits, self.metrics, self.stats
+                )
                 if not self.config.auth.keys:
                     logger.warning(
                         "no auth.keys configured: the /v1 routes are open to anyone who can "
@@ -228,7 +234,7 @@ class Gateway:
             logger.warning("server.* changed in %s: restart to apply it", self.config_path)
         self.config = config
         if self.runtime is not None and self._session is not None:
-            self.runtime = Runtime(config, self._session, self.circuits, self.metrics)
+            self.runtime = Runtime(config, self._session, self.circuits, self.metrics, self.stats)
         self.metrics.config_reloads.inc({"result": "success"})
         logger.info("config reloaded from %s", self.config_path)
         return True

@@ -18,6 +18,7 @@ from resillm.errors import (
     AllTargetsFailed,
     CircuitOpen,
     GatewayError,
+    InvalidRequest,
     UpstreamError,
     UpstreamStatusError,
     UpstreamTimeout,
@@ -51,8 +52,7 @@ class Failover:
         ``chain``, ``max_attempts`` (per target) and ``deadline`` (loop time) default to the
         route's chain, the retry config and now + ``timeouts.request``. With ``settle``
         false, a successful attempt leaves the target's circuit unsettled: the caller must
-        call exactly one of ``success``, ``failure`` or ``release`` on it (a stream's
-        verdict comes at its end).
+        call ``target.settle(...)`` once (a stream's verdict comes at its end).
         """
         loop = asyncio.get_running_loop()
         if deadline is None:
@@ -61,6 +61,7 @@ class Failover:
             max_attempts = self.config.retry.max_attempts
         failures: list[UpstreamError] = []
         skipped: list[Target] = []
+        unsupported: InvalidRequest | None = None
         if chain is None:
             chain = route.chain
         previous: Target | None = None
@@ -79,6 +80,8 @@ class Failover:
                     skipped.append(target)
                     break
                 ctx.attempts += 1
+                target.begin()
+                started = loop.time()
                 try:
                     try:
                         async with asyncio.timeout(left):
@@ -87,17 +90,15 @@ class Failover:
                         raise _deadline(target, self.config) from None
                 except UpstreamError as exc:
                     failures.append(exc)
+                    _note_rate_limit(target, exc, loop.time())
                     ctx.attempt_log.append(
                         (target.provider, target.model, attempt_outcome(exc), retry > 0)
                     )
                     step = decide(exc, others_left=others_left)
                     if step is Next.CLIENT:
-                        target.circuit.release()
+                        target.settle("release")
                         raise exc from None
-                    if counts_against_target(exc):
-                        target.circuit.failure()
-                    else:
-                        target.circuit.release()
+                    target.settle("failure" if counts_against_target(exc) else "release")
                     if (
                         step is Next.FALLBACK
                         or retry + 1 >= max_attempts
@@ -110,14 +111,23 @@ class Failover:
                     retry += 1
                     ctx.retries += 1
                     await asyncio.sleep(wait)
+                except InvalidRequest as exc:
+                    # This target's API cannot express the request (say n > 1 for Claude);
+                    # another target may. Nothing was sent, so nothing is held against it.
+                    target.settle("release")
+                    unsupported = exc
+                    break
                 except BaseException:
-                    target.circuit.release()
+                    target.settle("release")
                     raise
                 else:
+                    target.stats.observe(loop.time() - started, loop.time())
                     if settle:
-                        target.circuit.success()
+                        target.settle("success")
                     ctx.attempt_log.append((target.provider, target.model, "success", retry > 0))
                     return target, result
+        if not failures and unsupported is not None:
+            raise unsupported
         if not failures and skipped:
             raise CircuitOpen(route.alias, min(t.circuit.retry_in() for t in skipped))
         raise self.give_up(route, failures)
@@ -130,6 +140,12 @@ class Failover:
         if isinstance(last, UpstreamStatusError) and is_context_length(last):
             return last
         return AllTargetsFailed(route.alias, failures)
+
+
+def _note_rate_limit(target: Target, error: UpstreamError, now: float) -> None:
+    """A 429 with a reset time: the balancer leaves the target out until then."""
+    if isinstance(error, UpstreamStatusError) and error.status == 429 and error.retry_after_s:
+        target.stats.rate_limited_until = now + error.retry_after_s
 
 
 def _deadline(target: Target, config: ResilienceConfig) -> UpstreamTimeout:

@@ -133,10 +133,8 @@ class StreamRelay:
                     await opened.stream.aclose()
                     self.end_call(failed=True)
                     diverged = isinstance(exc, Diverged)
-                    if diverged:  # not the target's fault
-                        target.circuit.release()
-                    else:
-                        target.circuit.failure()
+                    # A diverged restart is not the target's fault.
+                    target.settle("release" if diverged else "failure")
                     settled = True
                     resumed = None if diverged else await self.recover(target)
                     if resumed is None:
@@ -144,14 +142,15 @@ class StreamRelay:
                         await self.send_body(encode_data(exc.body()), more=False)
                         return
                     (target, opened), settled = resumed, False
-            target.circuit.success()
+            target.settle("success")
             settled = True
             self.end_call(failed=False)
             self.ctx.malformed_events += getattr(opened.stream, "malformed", 0)
             await self.send_body(DONE_EVENT, more=False)
         finally:
             if not settled:  # cancelled: the client left, or the server is stopping
-                target.circuit.release()
+                target.settle("release")
+                self.end_call(failed=True)  # bill what was received (SPEC section 4)
             await opened.stream.aclose()
             self.ctx.usage = self.usage_total
 

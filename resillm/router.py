@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from providers.base import Completion, UpstreamCall
 from resillm.asgi import JSON_CONTENT_TYPE, Headers, Receive, Scope, Send
+from resillm.balance import Balancer
 from resillm.config import ResilienceConfig
 from resillm.context import RequestContext
 from resillm.errors import (
@@ -57,8 +58,16 @@ class DisconnectWatch:
 
 
 class Router:
-    def __init__(self, routes: dict[str, Route], resilience: ResilienceConfig) -> None:
+    def __init__(
+        self,
+        routes: dict[str, Route],
+        resilience: ResilienceConfig,
+        cost_of: Callable[[Target], float | None] | None = None,
+    ) -> None:
         self.routes = routes
+        self.balancers = {
+            alias: Balancer(route, cost_of=cost_of) for alias, route in routes.items()
+        }
         self.timeouts = resilience.timeouts
         self.failover = Failover(resilience)
         self.stream_recovery = resilience.stream_recovery
@@ -102,7 +111,8 @@ class Router:
         async def attempt(target: Target, seconds_left: float) -> Completion:
             return await target.upstream.complete(call)  # the failover loop bounds it
 
-        target, completion = await self.failover.run(ctx, route, attempt)
+        chain = self.balancers[route.alias].chain()
+        target, completion = await self.failover.run(ctx, route, attempt, chain=chain)
         ctx.provider, ctx.upstream_model = target.provider, completion.model
         ctx.usage = completion.usage
         body = completion.body
@@ -118,6 +128,7 @@ class Router:
         call = self.call_for(ctx)
         request_s = self.timeouts.request
         loop = asyncio.get_running_loop()
+        balanced = self.balancers[route.alias].chain()
 
         async def opener(
             call: UpstreamCall, chain: Sequence[Target] | None, max_attempts: int | None
@@ -128,7 +139,7 @@ class Router:
                 ctx,
                 route,
                 partial(self.open_attempt, call),
-                chain=chain,
+                chain=balanced if chain is None else chain,
                 max_attempts=max_attempts,
                 deadline=deadline,
                 settle=False,  # the relay settles the circuit when the stream ends
@@ -139,9 +150,7 @@ class Router:
         model = opened.first.model or target.model
         ctx.provider, ctx.upstream_model = target.provider, model
         headers = [*SSE_HEADERS, *resillm_headers(ctx, target, model)]
-        relay = StreamRelay(
-            ctx, call, route.chain, opener, recovery=self.stream_recovery, send=send
-        )
+        relay = StreamRelay(ctx, call, balanced, opener, recovery=self.stream_recovery, send=send)
         await relay.run(target, opened, headers)
 
     async def open_attempt(

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import Literal
 
 from providers.base import Provider, Upstream
+from resillm.balance import StatsRegistry, TargetStats
 from resillm.circuit import CircuitBreaker, CircuitRegistry
 from resillm.config import Config, ModelConfig, TargetConfig
+
+Verdict = Literal["success", "failure", "release"]
 
 
 def target_id(target: TargetConfig) -> str:
@@ -23,7 +27,7 @@ def target_id(target: TargetConfig) -> str:
 class Target:
     """One entry of an alias's target list, bound to its provider and its circuit."""
 
-    __slots__ = ("circuit", "id", "model", "prefill", "provider", "upstream", "weight")
+    __slots__ = ("circuit", "id", "model", "prefill", "provider", "stats", "upstream", "weight")
 
     def __init__(
         self,
@@ -32,6 +36,7 @@ class Target:
         circuit: CircuitBreaker,
         weight: float = 1.0,
         prefill: bool = False,
+        stats: TargetStats | None = None,
     ) -> None:
         self.id = id
         self.upstream = upstream
@@ -40,6 +45,21 @@ class Target:
         self.circuit = circuit
         self.weight = weight
         self.prefill = prefill  # continues a trailing assistant message (stream recovery)
+        self.stats = stats or TargetStats()
+
+    def begin(self) -> None:
+        """An attempt starts (after the circuit admitted it)."""
+        self.stats.inflight += 1
+
+    def settle(self, verdict: Verdict) -> None:
+        """The attempt (or the stream it opened) ended: tell the circuit, once."""
+        self.stats.inflight -= 1
+        if verdict == "success":
+            self.circuit.success()
+        elif verdict == "failure":
+            self.circuit.failure()
+        else:
+            self.circuit.release()
 
 
 class Route:
@@ -55,8 +75,12 @@ class Route:
 
 
 def build_routes(
-    config: Config, providers: Mapping[str, Provider], circuits: CircuitRegistry
+    config: Config,
+    providers: Mapping[str, Provider],
+    circuits: CircuitRegistry,
+    stats: StatsRegistry | None = None,
 ) -> dict[str, Route]:
+    stats = stats or StatsRegistry()
     routes: dict[str, Route] = {}
     for alias, model in config.models.items():
         targets = []
@@ -65,7 +89,9 @@ def build_routes(
             upstream = provider.bind(t.model, api_key=t.api_key, base_url=t.base_url)
             tid = target_id(t)
             prefill = provider.prefill if t.prefill is None else t.prefill
-            targets.append(Target(tid, upstream, circuits.get(tid), t.weight, prefill))
+            targets.append(
+                Target(tid, upstream, circuits.get(tid), t.weight, prefill, stats.get(tid))
+            )
         routes[alias] = Route(alias, model, targets)
     for route in routes.values():
         route.chain = _chain(route, routes)

@@ -23,6 +23,8 @@ class TargetReport(msgspec.Struct):
     circuit: str
     consecutive_failures: int
     half_open_in_s: float | None
+    latency_ewma_ms: float | None
+    inflight: int
 
 
 class TargetsReport(msgspec.Struct):
@@ -78,5 +80,9 @@ class AdminAPI:
                     half_open_in_s=round(circuit.retry_in(), 3)
                     if circuit.state is CircuitState.OPEN
                     else None,
+                    latency_ewma_ms=None
+                    if target.stats.ewma_s is None
+                    else round(target.stats.ewma_s * 1000.0, 2),
+                    inflight=target.stats.inflight,
                 )
         return TargetsReport(targets=list(reports.values()))

@@ -28,6 +28,7 @@ from resillm.errors import (
     AllTargetsFailed,
     CircuitOpen,
     GatewayError,
+    InvalidRequest,
     UpstreamError,
     UpstreamStatusError,
     UpstreamTimeout,
@@ -422,3 +423,28 @@ async def test_run_with_a_spent_deadline_makes_no_attempt_and_is_a_504() -> None
         await make_failover().run(new_ctx(), make_route(a), script, deadline=deadline)
     assert info.value.status == 504
     assert script.calls == []
+
+
+# --- a target whose API cannot express the request ---------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_request_one_target_cannot_express_goes_to_the_next_target() -> None:
+    a, b = make_target("a"), make_target("b")
+    cannot = InvalidRequest("this provider does not support n > 1", param="n")
+    script = Script({a.id: [cannot]})  # type: ignore[list-item]
+    ctx = new_ctx()
+    target, _ = await make_failover().run(ctx, make_route(a, b), script)
+    assert target is b
+    assert script.calls == [a.id, b.id]  # not retried on a: it would refuse again
+    assert a.circuit.failures == 0  # nothing went wrong upstream
+
+
+@pytest.mark.anyio
+async def test_a_request_no_target_can_express_is_that_400() -> None:
+    a = make_target("a")
+    cannot = InvalidRequest("this provider does not support n > 1", param="n")
+    with pytest.raises(InvalidRequest) as raised:
+        await make_failover().run(new_ctx(), make_route(a), Script({a.id: [cannot]}))  # type: ignore[list-item]
+    assert raised.value is cannot
+    assert raised.value.status == 400
