@@ -1,9 +1,15 @@
 """One structured line per request: who, which model and provider, status, timings, tokens.
 
-Successes are sampled by ``logging.sample_rate``; errors are always logged. The line is
-written after the response ended, streams included, so it holds the final figures. This
-layer sits outside the request layer so bodies it rejects (400, 413) are logged too; it
-reads the context that layer put in the scope once the inner app returns.
+Successes are sampled by ``logging.sample_rate``; errors and slow requests (at least
+``logging.slow_request_s``) are always logged. The line is written after the response
+ended, streams included, so it holds the final figures. This layer sits outside the request
+layer so bodies it rejects (400, 413) are logged too; it reads the context that layer put
+in the scope once the inner app returns.
+
+With ``log_responses`` the line also holds the request body and the answer: the JSON body
+(captured from ``send`` only then), or a stream's text as delivered (the relay keeps it
+anyway, for recovery). Every logged body has the configured keys removed, and PII redacted
+with ``redact_pii`` (:mod:`resillm.redact`).
 """
 
 from __future__ import annotations
@@ -13,17 +19,24 @@ import random
 import time
 from typing import Any
 
+import msgspec
+
 from resillm.asgi import ASGIApp, Message, Receive, Scope, Send
 from resillm.config import LoggingConfig
 from resillm.context import SCOPE_KEY, RequestContext
 from resillm.errors import GatewayError
 from resillm.log import ACCESS_LOGGER
+from resillm.redact import redact_string, redact_value
+from resillm.schema import json_decoder
 
 
 class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp, *, config: LoggingConfig) -> None:
+    def __init__(
+        self, app: ASGIApp, *, config: LoggingConfig, secrets: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.config = config
+        self.secrets = secrets  # client and upstream keys: never in a logged body
         self.logger = logging.getLogger(ACCESS_LOGGER)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -31,11 +44,17 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         status = 0
+        capture = self.config.log_responses
+        response: list[bytes] | None = None
 
         async def send_recording_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if capture and _is_json(message):
+                    response = []
+            elif response is not None and message["type"] == "http.response.body":
+                response.append(message.get("body", b""))
             await send(message)
 
         error: str | None = None
@@ -52,22 +71,64 @@ class AccessLogMiddleware:
             if ctx is not None:
                 ctx.status = ctx.status or status
                 ctx.error = ctx.error or error
-                self.log(scope, ctx)
+                self.log(scope, ctx, response)
 
-    def log(self, scope: Scope, ctx: RequestContext) -> None:
+    def log(self, scope: Scope, ctx: RequestContext, response: list[bytes] | None = None) -> None:
         failed = ctx.status >= 400 or ctx.error is not None
-        sample = self.config.sample_rate
-        if not failed and sample < 1.0 and random.random() >= sample:
+        if not failed and not self.sampled(ctx):
             return
         level = logging.WARNING if failed else logging.INFO
-        if self.logger.isEnabledFor(level):
-            self.logger.log(level, "request", extra={"fields": access_fields(scope, ctx)})
+        if not self.logger.isEnabledFor(level):
+            return
+        fields = access_fields(scope, ctx)
+        if self.config.log_responses:
+            fields.update(self.bodies(ctx, response))
+        self.logger.log(level, "request", extra={"fields": fields})
+
+    def sampled(self, ctx: RequestContext) -> bool:
+        """A success is kept at ``sample_rate``, and always when it was slow."""
+        sample = self.config.sample_rate
+        if sample >= 1.0 or random.random() < sample:
+            return True
+        return time.monotonic() - ctx.started >= self.config.slow_request_s
+
+    def bodies(self, ctx: RequestContext, response: list[bytes] | None) -> dict[str, Any]:
+        pii, secrets = self.config.redact_pii, self.secrets
+        out: dict[str, Any] = {}
+        if ctx.raw is not None:
+            out["request_body"] = redact_value(ctx.raw, pii=pii, secrets=secrets)
+        elif ctx.body:
+            out["request_body"] = _body_value(ctx.body, pii=pii, secrets=secrets)
+        if ctx.streamed is not None:
+            text = "".join(ctx.streamed)
+            out["response_text"] = redact_string(text, pii=pii, secrets=secrets)
+        elif response:
+            body = response[0] if len(response) == 1 else b"".join(response)
+            out["response_body"] = _body_value(body, pii=pii, secrets=secrets)
+        return out
+
+
+def _is_json(start: Message) -> bool:
+    for key, value in start.get("headers", ()):
+        if key.lower() == b"content-type":
+            return bytes(value).startswith(b"application/json")
+    return False
+
+
+def _body_value(body: bytes, *, pii: bool, secrets: frozenset[str]) -> Any:
+    """A JSON body as its (redacted) value; anything else as (redacted) text."""
+    try:
+        value = json_decoder.decode(body)
+    except msgspec.DecodeError:
+        text = body.decode("utf-8", errors="replace")
+        return redact_string(text, pii=pii, secrets=secrets)
+    return redact_value(value, pii=pii, secrets=secrets)
 
 
 def access_fields(scope: Scope, ctx: RequestContext) -> dict[str, Any]:
     usage = ctx.usage
     key = ctx.client_key
-    return {
+    fields = {
         "request_id": ctx.request_id,
         "method": scope.get("method"),
         "path": ctx.route,
@@ -85,6 +146,10 @@ def access_fields(scope: Scope, ctx: RequestContext) -> dict[str, Any]:
         "ttft_ms": round(ctx.ttft_s * 1000.0, 2) if ctx.ttft_s is not None else None,
         "prompt_tokens": usage.prompt_tokens if usage else None,
         "completion_tokens": usage.completion_tokens if usage else None,
+        "cost": ctx.cost,
         "cache": ctx.cache,
         "error": ctx.error,
     }
+    if ctx.tracer is not None:
+        fields["trace_id"] = ctx.tracer.trace_id
+    return fields

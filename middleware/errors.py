@@ -39,7 +39,12 @@ class ErrorsMiddleware:
                 raise
             await send_json(send, exc.status, exc.body(), self._headers(scope, exc))
         except Exception:
-            logger.exception("unhandled error serving %s", scope.get("path"))
+            ctx = scope.get(SCOPE_KEY)  # past the request layer: its id is no longer bound
+            logger.exception(
+                "unhandled error serving %s",
+                scope.get("path"),
+                extra={"request_id": ctx.request_id if ctx is not None else None},
+            )
             if started:
                 raise
             error = GatewayError("internal error in the gateway; see its log")

@@ -15,7 +15,9 @@ import msgspec
 from resillm.asgi import ASGIApp, Message, Receive, Scope, Send, header, route_path
 from resillm.context import SCOPE_KEY, RequestContext
 from resillm.errors import InvalidRequest, RequestTooLarge
+from resillm.log import REQUEST_ID
 from resillm.schema import ChatCompletionRequest, json_decoder
+from resillm.tracecontext import TRACER_SCOPE_KEY
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
 _CLIENT_ID_RE = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -43,8 +45,16 @@ class RequestMiddleware:
             else f"req_{uuid.uuid4().hex}"
         )
         ctx = RequestContext(request_id, route)
+        ctx.tracer = scope.get(TRACER_SCOPE_KEY)  # the tracing layer's, when tracing is on
         scope[SCOPE_KEY] = ctx
-        id_header = (b"x-request-id", request_id.encode())
+        token = REQUEST_ID.set(request_id)  # every log record of this request carries it
+        try:
+            await self.handle(ctx, scope, receive, send)
+        finally:
+            REQUEST_ID.reset(token)
+
+    async def handle(self, ctx: RequestContext, scope: Scope, receive: Receive, send: Send) -> None:
+        id_header = (b"x-request-id", ctx.request_id.encode())
 
         async def send_with_request_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -57,7 +67,7 @@ class RequestMiddleware:
             except ClientDisconnected:
                 ctx.status = 499
                 return
-            if route == CHAT_COMPLETIONS:
+            if ctx.route == CHAT_COMPLETIONS:
                 parse_chat_request(ctx)
         await self.app(scope, receive, send_with_request_id)
 

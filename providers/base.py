@@ -79,6 +79,13 @@ class Chunk:
         self.text = text
         self.tool_call = tool_call
 
+    @property
+    def substantial(self) -> bool:
+        """Carries content, a tool call or a finish reason — not just the role. The first
+        such chunk is the stream's first token: the point of no return, and where the
+        between-chunks idle limit starts."""
+        return bool(self.text or self.tool_call or self.finish_reason)
+
 
 class ChunkStream(Protocol):
     """An open upstream stream. Iterating yields chunks; it ends only after a finish reason,

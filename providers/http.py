@@ -62,10 +62,18 @@ class upstream_errors:  # lower case: it reads as a statement, `with upstream_er
                 f"{where}: timed out", provider=self.provider, model=self.model
             ) from exc
         if isinstance(exc, (aiohttp.ClientError, OSError)):
-            detail = str(exc) or type(exc).__name__
+            detail = _TRANSPORT_WORDS.get(type(exc)) or str(exc) or type(exc).__name__
             raise UpstreamConnectError(
                 f"{where}: {detail}", provider=self.provider, model=self.model
             ) from exc
+
+
+# aiohttp's own messages for these name internals ("TransferEncodingError: 400") that
+# would mislead a user reading the error.
+_TRANSPORT_WORDS: dict[type[BaseException], str] = {
+    aiohttp.ClientPayloadError: "the connection broke before the answer was complete",
+    aiohttp.ServerDisconnectedError: "the upstream closed the connection",
+}
 
 
 class _OpenAIErrorDetail(msgspec.Struct):

@@ -22,6 +22,7 @@ from providers.sse import SSEDecoder
 from resillm.config import AzureProviderConfig, OpenAICompatibleProviderConfig, OpenAIProviderConfig
 from resillm.errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError
 from resillm.schema import CompletionView, json_encoder, view_decoder
+from resillm.tracecontext import with_trace_headers
 
 OpenAIFamilyConfig = OpenAIProviderConfig | AzureProviderConfig | OpenAICompatibleProviderConfig
 logger = logging.getLogger("resillm.providers")
@@ -103,7 +104,10 @@ class OpenAIUpstream:
                 self._owner.limit,
                 asyncio.timeout(self._timeout_s),
                 self._owner.session.post(
-                    self._url, data=self._body(call), headers=self._headers, timeout=self._connect
+                    self._url,
+                    data=self._body(call),
+                    headers=with_trace_headers(self._headers),
+                    timeout=self._connect,
                 ) as response,
             ):
                 if response.status != 200:
@@ -126,7 +130,10 @@ class OpenAIUpstream:
         try:
             with upstream_errors(self.provider, self.model):
                 response = await self._owner.session.post(
-                    self._url, data=self._body(call), headers=self._headers, timeout=self._connect
+                    self._url,
+                    data=self._body(call),
+                    headers=with_trace_headers(self._headers),
+                    timeout=self._connect,
                 )
                 if response.status != 200:
                     try:
@@ -220,18 +227,17 @@ class OpenAIChunkStream:
         if finish:
             self._finished = True
         forward = bool(view.choices) or view.usage is None or self._client_wants_usage
-        self._started = True
-        self._pending.append(
-            Chunk(
-                data,
-                model=view.model,
-                finish_reason=finish,
-                usage=view.usage,
-                forward=forward,
-                text=text,
-                tool_call=tool_call,
-            )
+        chunk = Chunk(
+            data,
+            model=view.model,
+            finish_reason=finish,
+            usage=view.usage,
+            forward=forward,
+            text=text,
+            tool_call=tool_call,
         )
+        self._started = self._started or chunk.substantial
+        self._pending.append(chunk)
 
     def _end(self) -> None:
         if not self._finished:

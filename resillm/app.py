@@ -13,13 +13,15 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
 
 from middleware.access_log import AccessLogMiddleware
 from middleware.auth import AuthMiddleware
+from middleware.budget import BudgetMiddleware
+from middleware.cache import CacheMiddleware
 from middleware.errors import ErrorsMiddleware
 from middleware.metrics import MetricsMiddleware
 from middleware.request import CHAT_COMPLETIONS, RequestMiddleware
@@ -29,6 +31,8 @@ from providers.registry import build_provider
 from resillm.admin.api import AdminAPI
 from resillm.asgi import ASGIApp, Receive, Scope, Send, route_path, send_json
 from resillm.balance import StatsRegistry
+from resillm.budget import BudgetTracker
+from resillm.cache import ResponseCache
 from resillm.circuit import CircuitRegistry
 from resillm.config import Config
 from resillm.config_loader import (
@@ -40,11 +44,18 @@ from resillm.config_loader import (
 from resillm.context import RequestContext
 from resillm.errors import MethodNotAllowed, NotFound
 from resillm.metrics import Metrics
+from resillm.pricing import PriceBook, cost_nano_usd, to_usd
 from resillm.router import Router
 from resillm.schema import ModelCard, ModelList, json_encoder
-from resillm.targets import Route, build_routes
+from resillm.targets import Route, Target, build_routes
+
+if TYPE_CHECKING:  # tracing is an optional extra, imported only when it is on
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from middleware.tracing import Tracing
 
 logger = logging.getLogger("resillm")
+MIN_SECRET_CHARS = 8  # shorter "keys" would mangle plain words in logged bodies
 _HEALTH_BODY = b'{"status":"ok"}'
 
 
@@ -74,35 +85,70 @@ class Runtime:
         circuits: CircuitRegistry,
         metrics: Metrics,
         stats: StatsRegistry | None = None,
+        budget: BudgetTracker | None = None,
+        tracing: Tracing | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.config = config
+        self.cache = cache  # the gateway's; its layer is in the stack only when enabled
         self.circuits = circuits
         self.metrics = metrics
         self.stats = stats or StatsRegistry()
+        self.budget = budget or BudgetTracker(config, metrics=metrics)
+        self.prices = PriceBook(config.models)
         self.providers: dict[str, Provider] = {
             name: build_provider(name, provider, session)
             for name, provider in config.providers.items()
         }
         circuits.configure(config.resilience.circuit_breaker)
         self.routes = build_routes(config, self.providers, circuits, self.stats)
-        self.router = Router(self.routes, config.resilience)
+        self.router = Router(self.routes, config.resilience, cost_of=self.expected_cost)
         self.admin = AdminAPI(config.auth.admin_key, lambda: self.routes)
+        self.tracing = tracing
         self.v1 = self.v1_stack()
         self.ops = ErrorsMiddleware(self.ops_endpoints)
 
+    def expected_cost(
+        self, target: Target, prompt_tokens: int, completion_tokens: int
+    ) -> float | None:
+        """For the cost strategy: what ``target`` would charge for these tokens."""
+        price = self.prices.price(None, target.provider, target.model, None)
+        if price is None:
+            return None
+        return to_usd(cost_nano_usd(price, prompt_tokens, completion_tokens))
+
     def v1_stack(self) -> ASGIApp:
-        config = self.config
+        config, tracing = self.config, self.tracing
+        traced = [partial(tracing.middleware, providers=config.providers)] if tracing else []
         layers: list[Callable[[ASGIApp], ASGIApp]] = [  # outermost first
             ErrorsMiddleware,
-            partial(AccessLogMiddleware, config=config.logging),
+            *traced,  # the SERVER span, with tracing.enabled
+            partial(AccessLogMiddleware, config=config.logging, secrets=config_secrets(config)),
             partial(MetricsMiddleware, metrics=self.metrics),
             partial(RequestMiddleware, max_request_bytes=config.server.max_request_bytes),
             partial(AuthMiddleware, keys=config.auth.keys, aliases=self.routes.keys()),
+            partial(
+                BudgetMiddleware,
+                tracker=self.budget,
+                prices=self.prices,
+                default_max_tokens=config.budget.default_max_tokens,
+            ),
+            *self.cache_layer(),  # last: a hit has passed auth and the budget gate
         ]
         app: ASGIApp = self.v1_endpoints
         for layer in reversed(layers):
             app = layer(app)
         return app
+
+    def cache_layer(self) -> list[Callable[[ASGIApp], ASGIApp]]:
+        """The cache layer when ``cache.enabled``; none at all otherwise (zero cost)."""
+        if self.cache is None or not self.config.cache.enabled:
+            return []
+        return [
+            partial(
+                CacheMiddleware, cache=self.cache, metrics=self.metrics, aliases=self.routes.keys()
+            )
+        ]
 
     async def v1_endpoints(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext.of(scope)
@@ -115,6 +161,11 @@ class Runtime:
             if method != "GET":
                 raise MethodNotAllowed("/v1/models takes GET")
             await send_json(send, 200, self.model_list(ctx))
+        elif ctx.route in ("/v1/budget", "/v1/budget/"):
+            if method != "GET":
+                raise MethodNotAllowed("/v1/budget takes GET")
+            status = await self.budget.status(ctx.client_key)
+            await send_json(send, 200, json_encoder.encode(status))
         else:
             raise NotFound(f"no such endpoint: {method} {ctx.route}")
 
@@ -157,6 +208,18 @@ class Runtime:
             await provider.aclose()
 
 
+def config_secrets(config: Config) -> frozenset[str]:
+    """Every key in the config (client, admin, upstream): never written to a log."""
+    found = [key.key for key in config.auth.keys]
+    found.append(config.auth.admin_key or "")
+    for provider in config.providers.values():
+        for field in ("api_key", "secret_access_key", "session_token"):
+            found.append(getattr(provider, field, None) or "")
+    for model in config.models.values():
+        found.extend(target.api_key or "" for target in model.targets)
+    return frozenset(s for s in found if len(s) >= MIN_SECRET_CHARS)
+
+
 def _alias_status(route: Route) -> AliasStatus:
     targets = [
         TargetStatus(
@@ -174,9 +237,19 @@ class Gateway:
     """The ASGI app. Starts on ``lifespan.startup``, through ``gateway.lifespan`` for hosts
     that do not forward lifespan to mounts, or lazily on its first request."""
 
-    def __init__(self, config: Config, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None = None,
+        *,
+        span_exporter: SpanExporter | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
+        # Tracing (tracing.enabled): the gateway's own tracer provider, built at start and
+        # flushed at stop. ``span_exporter`` replaces the configured exporter (tests).
+        self.tracing: Tracing | None = None
+        self.span_exporter = span_exporter
         self.runtime: Runtime | None = None
         self._session: aiohttp.ClientSession | None = None
         # Metrics and circuit state belong to the gateway, not to one config: they outlive
@@ -186,6 +259,8 @@ class Gateway:
             config.resilience.circuit_breaker, listener=self.metrics.circuit_changed
         )
         self.stats = StatsRegistry()  # latency and load per target, for the balancer
+        self.budget = BudgetTracker(config, metrics=self.metrics)  # spend outlives reloads
+        self.cache = ResponseCache(config.cache)  # stored answers outlive reloads too
         self._start_lock = asyncio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -207,8 +282,21 @@ class Gateway:
         async with self._start_lock:
             if self.runtime is None:
                 self._session = create_session()
+                await self.budget.start(self._session)
+                await self.cache.start()
+                if self.config.tracing.enabled:
+                    from middleware.tracing import Tracing
+
+                    self.tracing = Tracing(self.config.tracing, self.span_exporter)
                 self.runtime = Runtime(
-                    self.config, self._session, self.circuits, self.metrics, self.stats
+                    self.config,
+                    self._session,
+                    self.circuits,
+                    self.metrics,
+                    self.stats,
+                    self.budget,
+                    tracing=self.tracing,
+                    cache=self.cache,
                 )
                 if not self.config.auth.keys:
                     logger.warning(
@@ -232,9 +320,22 @@ class Gateway:
             return False
         if config.server != self.config.server:
             logger.warning("server.* changed in %s: restart to apply it", self.config_path)
+        if config.tracing != self.config.tracing:
+            logger.warning("tracing.* changed in %s: restart to apply it", self.config_path)
         self.config = config
+        self.budget.configure(config)
+        await self.cache.configure(config.cache)
         if self.runtime is not None and self._session is not None:
-            self.runtime = Runtime(config, self._session, self.circuits, self.metrics, self.stats)
+            self.runtime = Runtime(
+                config,
+                self._session,
+                self.circuits,
+                self.metrics,
+                self.stats,
+                self.budget,
+                tracing=self.tracing,
+                cache=self.cache,
+            )
         self.metrics.config_reloads.inc({"result": "success"})
         logger.info("config reloaded from %s", self.config_path)
         return True
@@ -244,8 +345,13 @@ class Gateway:
         self.runtime, self._session = None, None
         if runtime is not None:
             await runtime.aclose()
+        await self.budget.stop()  # the last snapshot; alerts in flight still use the session
+        await self.cache.stop()
         if session is not None:
             await session.close()
+        tracing, self.tracing = self.tracing, None
+        if tracing is not None:
+            await tracing.shutdown()  # exports the spans still buffered
 
     @asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from resillm.targets import Route, Target
 
 Clock = Callable[[], float]
+# The expected cost of sending this request to a target: (target, prompt tokens, completion
+# tokens) -> USD, or None when the target's price is unknown.
+CostOf = Callable[["Target", int, int], float | None]
 EWMA_ALPHA = 0.3  # weight of the newest latency sample
 STALE_AFTER_S = 30.0  # a target unmeasured this long is tried first once, to be measured again
 
@@ -60,7 +63,7 @@ class Balancer:
         route: Route,
         *,
         clock: Clock = time.monotonic,
-        cost_of: Callable[[Target], float | None] | None = None,
+        cost_of: CostOf | None = None,
     ) -> None:
         self.route = route
         self.strategy = route.config.strategy
@@ -69,9 +72,10 @@ class Balancer:
         self._turn = 0
         self._current = [0.0] * len(route.targets)  # smooth weighted round robin
 
-    def order(self) -> list[Target]:
-        """The route's own targets in the order to try them for this request."""
-        targets = self._by_strategy()
+    def order(self, expected_tokens: tuple[int, int] = (0, 0)) -> list[Target]:
+        """The route's own targets in the order to try them for this request
+        (``expected_tokens``: its prompt and completion tokens, for the cost strategy)."""
+        targets = self._by_strategy(expected_tokens)
         now = self.clock()
         usable, limited, open_ = [], [], []
         for target in targets:
@@ -85,13 +89,13 @@ class Balancer:
             return usable + open_  # rate-limited targets sit out until their reset
         return limited + open_
 
-    def chain(self) -> list[Target]:
+    def chain(self, expected_tokens: tuple[int, int] = (0, 0)) -> list[Target]:
         """The ordered targets, then the fallback aliases' (as in ``route.chain``)."""
-        own = self.order()
+        own = self.order(expected_tokens)
         seen = {t.id for t in self.route.targets}
         return [*own, *(t for t in self.route.chain if t.id not in seen)]
 
-    def _by_strategy(self) -> list[Target]:
+    def _by_strategy(self, expected_tokens: tuple[int, int]) -> list[Target]:
         targets = self.route.targets
         strategy = self.strategy
         if strategy == "round_robin":
@@ -105,8 +109,8 @@ class Balancer:
         if strategy == "least_busy":
             return sorted(targets, key=lambda t: t.stats.inflight)
         if strategy == "cost" and self.cost_of is not None:
-            cost_of = self.cost_of
-            return sorted(targets, key=lambda t: _cost_key(cost_of(t)))
+            cost_of, (prompt, completion) = self.cost_of, expected_tokens
+            return sorted(targets, key=lambda t: _cost_key(cost_of(t, prompt, completion)))
         return list(targets)
 
     def _weighted(self) -> list[Target]:

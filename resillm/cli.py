@@ -12,6 +12,7 @@ from resillm import __version__
 from resillm.config import Config
 from resillm.config_loader import ConfigError, default_config_path, load_config
 from resillm.durations import parse_duration
+from resillm.pricing import builtin_price
 
 
 def _duration(text: str) -> float:
@@ -118,11 +119,61 @@ def summary(path: str, config: Config) -> str:
         f"auth: {len(auth.keys)} client key(s)" if auth.keys else "auth: open (no client keys)"
     )
     lines.append(f"admin: {'on' if auth.admin_key else 'off'}")
+    lines.append(_budget_summary(config))
+    cache = config.cache
+    lines.append(
+        f"cache: {cache.backend}, ttl {cache.ttl:g}s, "
+        f"coalescing {'on' if cache.coalesce else 'off'}"
+        if cache.enabled
+        else "cache: off"
+    )
     lines.append(
         f"stream recovery: {'on' if config.resilience.stream_recovery else 'off'}; "
         f"logging: {config.logging.level}, {config.logging.format}"
     )
+    tracing = config.tracing
+    lines.append(
+        f"tracing: {tracing.exporter} -> {tracing.endpoint or 'default endpoint'} "
+        f"as {tracing.service_name!r}"
+        if tracing.enabled
+        else "tracing: off"
+    )
     return "\n".join(lines)
+
+
+def _budget_summary(config: Config) -> str:
+    budget = config.budget
+    limits = [
+        f"{name} ${limit:g}"
+        for name, limit in (("hourly", budget.hourly_limit), ("daily", budget.daily_limit))
+        if limit is not None
+    ]
+    keyed = sum(1 for k in config.auth.keys if k.budget is not None)
+    line = f"budget: {', '.join(limits) or 'no global limit'} ({budget.action})"
+    line += f"; {keyed} key budget(s); store {budget.store}"
+    channels = [
+        name
+        for name, on in (
+            ("webhook", budget.alerts.webhook_url),
+            ("slack", budget.alerts.slack_webhook_url),
+            ("email", budget.alerts.email),
+        )
+        if on
+    ]
+    if channels:
+        line += f"; alerts via {', '.join(channels)}"
+    unpriced = sorted(
+        {
+            t.model
+            for model in config.models.values()
+            if model.pricing is None
+            for t in model.targets
+            if builtin_price(t.model) is None
+        }
+    )
+    if unpriced:
+        line += f"\n  no price known (cost 0, set models.*.pricing): {', '.join(unpriced)}"
+    return line
 
 
 def _type_name(provider: msgspec.Struct) -> str:

@@ -169,6 +169,58 @@ class ResilienceConfig(_Section, frozen=True):
     stream_recovery: bool = True
 
 
+class EmailAlertConfig(_Section, frozen=True):
+    smtp_host: NonEmptyStr
+    from_: NonEmptyStr = msgspec.field(name="from")
+    to: Annotated[list[NonEmptyStr], msgspec.Meta(min_length=1)]
+    smtp_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 587
+    starttls: bool = True
+    ssl: bool = False  # implicit TLS (port 465) instead of STARTTLS
+    username: str | None = None
+    password: str | None = None
+    timeout: Duration = Duration(10.0)
+
+
+class BudgetAlertsConfig(_Section, frozen=True):
+    # Fractions of a limit; each fires once per window (and per key for key budgets).
+    thresholds: list[Annotated[float, msgspec.Meta(gt=0)]] = msgspec.field(
+        default_factory=lambda: [0.8, 1.0]
+    )
+    webhook_url: str | None = None
+    slack_webhook_url: str | None = None
+    email: EmailAlertConfig | None = None
+
+
+class BudgetConfig(_Section, frozen=True):
+    hourly_limit: Annotated[float, msgspec.Meta(ge=0)] | None = None  # USD
+    daily_limit: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    action: Literal["reject", "warn"] = "reject"
+    store: Literal["memory", "redis"] = "memory"
+    snapshot_path: NonEmptyStr = "resillm-budget.json"
+    snapshot_interval: Duration = Duration(10.0)  # > 0, checked by the loader
+    redis_url: NonEmptyStr = "redis://127.0.0.1:6379/0"
+    redis_timeout: Duration = Duration(0.5)  # > 0, checked by the loader
+    redis_failure: Literal["open", "closed"] = "closed"
+    # Completion tokens reserved for a request that sets neither max_tokens nor
+    # max_completion_tokens.
+    default_max_tokens: PositiveInt = 1024
+    alerts: BudgetAlertsConfig = msgspec.field(default_factory=BudgetAlertsConfig)
+
+
+class CacheConfig(_Section, frozen=True):
+    enabled: bool = False
+    backend: Literal["memory", "redis"] = "memory"
+    ttl: Duration = Duration(3600.0)  # > 0, checked by the loader
+    max_size: PositiveInt = 1000  # entries, memory backend (LRU)
+    max_bytes: PositiveInt = 64 * 1024 * 1024  # memory backend: stored answers, in bytes
+    redis_url: NonEmptyStr = "redis://127.0.0.1:6379/0"
+    # Longest a Redis call may take before the request goes on without the cache.
+    redis_timeout: Duration = Duration(0.25)  # > 0, checked by the loader
+    # Identical requests arriving while one is in flight wait for its answer (per process).
+    coalesce: bool = True
+    coalesce_timeout: Duration = Duration(30.0)  # > 0, checked by the loader
+
+
 class LoggingConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -176,6 +228,18 @@ class LoggingConfig(_Section, frozen=True):
     log_responses: bool = False
     sample_rate: Probability = 1.0
     redact_pii: bool = True
+    # A success at least this slow is always logged, whatever sample_rate says.
+    slow_request_s: Duration = Duration(10.0)
+
+
+class TracingConfig(_Section, frozen=True):
+    enabled: bool = False
+    exporter: Literal["otlp", "zipkin", "console"] = "otlp"
+    # None: the exporter's local default (otlp http://127.0.0.1:4318, zipkin :9411). A URL
+    # without a path gets the standard one (/v1/traces, /api/v2/spans).
+    endpoint: str | None = None
+    service_name: NonEmptyStr = "resillm"
+    sample_rate: Probability = 1.0  # share of new traces kept; a client's sampled flag wins
 
 
 class Config(_Section, frozen=True):
@@ -186,4 +250,7 @@ class Config(_Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     resilience: ResilienceConfig = msgspec.field(default_factory=ResilienceConfig)
+    budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)

@@ -8,6 +8,7 @@ and ``file:line:column``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -23,12 +24,15 @@ from ruamel.yaml.error import MarkedYAMLError
 from resillm.config import (
     PROVIDER_TYPES,
     AuthConfig,
+    BudgetConfig,
+    CacheConfig,
     Config,
     LoggingConfig,
     ModelConfig,
     ProviderConfig,
     ResilienceConfig,
     ServerConfig,
+    TracingConfig,
 )
 from resillm.durations import Duration, parse_duration
 
@@ -44,10 +48,13 @@ _SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
     "auth": AuthConfig,
     "resilience": ResilienceConfig,
+    "budget": BudgetConfig,
+    "cache": CacheConfig,
     "logging": LoggingConfig,
+    "tracing": TracingConfig,
 }
 _TOP_KEYS = ("providers", "models", *_SECTIONS)
-_NOT_YET = ("budget", "cache", "tracing", "admin")  # SPEC sections still being built
+_NOT_YET = ("admin",)  # SPEC sections still being built
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,9 @@ class _Validator:
         models = self.convert_entries(data, "models", ModelConfig)
         if not self.issues:
             self.check_references(providers, models, sections.get("auth"))
+            self.check_budget(sections.get("budget"))
+            self.check_cache(sections.get("cache"))
+            self.check_tracing(sections.get("tracing"))
         if self.issues:
             self.issues.sort(key=lambda issue: (issue.line or 0, issue.column or 0))
             raise ConfigError(self.issues)
@@ -268,6 +278,24 @@ class _Validator:
             return  # already reported: the variable that should have filled it is missing
         self.add((*base, *path), message)
 
+    def check_tracing(self, tracing: TracingConfig | None) -> None:
+        """Tracing needs the ``otel`` extra: say so at load (``resillm check``, serve), not
+        with a crash at the first request."""
+        if tracing is None:
+            return
+        endpoint = tracing.endpoint
+        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+            self.add(("tracing", "endpoint"), f"expected an http(s):// URL, got {endpoint!r}")
+        if not tracing.enabled:
+            return
+        missing = [m for m in _TRACING_MODULES[tracing.exporter] if not _importable(m)]
+        if missing:
+            self.add(
+                ("tracing", "enabled"),
+                f"tracing needs OpenTelemetry ({', '.join(missing)} is not installed): "
+                "pip install 'resillm[otel]'",
+            )
+
     def check_references(
         self, providers: dict[str, Any], models: dict[str, ModelConfig], auth: AuthConfig | None
     ) -> None:
@@ -296,6 +324,30 @@ class _Validator:
                         f"model {alias!r} is not a configured alias",
                     )
 
+    def check_cache(self, cache: CacheConfig | None) -> None:
+        if cache is None:
+            return
+        for field in ("ttl", "redis_timeout", "coalesce_timeout"):
+            if getattr(cache, field) <= 0:
+                self.add(("cache", field), "must be a duration greater than 0")
+        if cache.enabled and cache.backend == "redis" and importlib.util.find_spec("redis") is None:
+            self.add(
+                ("cache", "backend"),
+                "the redis backend needs the redis client: pip install 'resillm[redis]'",
+            )
+
+    def check_budget(self, budget: BudgetConfig | None) -> None:
+        if budget is None:
+            return
+        for field in ("snapshot_interval", "redis_timeout"):
+            if getattr(budget, field) <= 0:
+                self.add(("budget", field), "must be a duration greater than 0")
+        if budget.store == "redis" and importlib.util.find_spec("redis") is None:
+            self.add(
+                ("budget", "store"),
+                "the redis store needs the redis client: pip install 'resillm[redis]'",
+            )
+
     def check_unique(self, auth: AuthConfig, field: str, get: Callable[[Any], str]) -> None:
         seen: set[str] = set()
         for index, client_key in enumerate(auth.keys):
@@ -303,6 +355,22 @@ class _Validator:
             if value in seen:
                 self.add(("auth", "keys", index, field), f"duplicate client key {field}")
             seen.add(value)
+
+
+_OTEL_SDK = "opentelemetry.sdk.trace"
+_TRACING_MODULES = {
+    "otlp": (_OTEL_SDK, "opentelemetry.exporter.otlp.proto.http.trace_exporter"),
+    "zipkin": (_OTEL_SDK, "opentelemetry.exporter.zipkin.json"),
+    "console": (_OTEL_SDK,),
+}
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (parents aside)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _parse_path(text: str) -> ConfigPath:

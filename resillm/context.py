@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from resillm.config import ClientKeyConfig
     from resillm.schema import ChatCompletionRequest, Usage
+    from resillm.tracecontext import RequestTracer
 
 SCOPE_KEY = "resillm"
 
@@ -38,6 +39,8 @@ class RequestContext:
         "started",
         "status",
         "stream",
+        "streamed",
+        "tracer",
         "ttft_s",
         "upstream_model",
         "usage",
@@ -70,6 +73,10 @@ class RequestContext:
         self.status = 0
         self.error: str | None = None
         self.cache: str | None = None
+        # Set by the tracing layer when tracing is on; the failover loop checks it per attempt.
+        self.tracer: RequestTracer | None = None
+        # The text of choice 0 a stream delivered (the relay's own list, for the access log).
+        self.streamed: list[str] | None = None
 
     @staticmethod
     def of(scope: MutableMapping[str, Any]) -> RequestContext:

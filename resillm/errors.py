@@ -12,6 +12,8 @@
     ├── MethodNotAllowed              405
     ├── AllTargetsFailed              502 / 429 / 504 upstream_error, with error.attempts
     ├── CircuitOpen                   503 circuit_open, with Retry-After
+    ├── BudgetExceeded                429 budget_exceeded, with Retry-After (window reset)
+    ├── BudgetUnavailable             503 budget_unavailable (store down, fail-closed)
     └── UpstreamError                 something went wrong on the provider's side
         ├── UpstreamStatusError       the upstream answered with an HTTP error status
         ├── UpstreamConnectError      could not connect, or the connection broke
@@ -230,3 +232,26 @@ class CircuitOpen(GatewayError):
             f"every target of '{alias}' is failing and its circuit is open; retry in {seconds}s",
             headers={"Retry-After": str(seconds)},
         )
+
+
+class BudgetExceeded(GatewayError):
+    """A budget window is used up under ``budget.action: reject``; retry when it resets."""
+
+    status = 429
+    type = "budget_exceeded"
+    code = "budget_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        seconds = max(1, math.ceil(retry_after_s))
+        super().__init__(message, headers={"Retry-After": str(seconds)})
+
+
+class BudgetUnavailable(GatewayError):
+    """The budget store cannot be reached and ``budget.redis_failure`` is ``closed``."""
+
+    status = 503
+    type = "budget_unavailable"
+    code = "budget_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})

@@ -65,6 +65,7 @@ class Failover:
         if chain is None:
             chain = route.chain
         previous: Target | None = None
+        tracer = ctx.tracer  # None unless tracing is on: then spans and events, see below
         for index, target in enumerate(chain):
             others_left = any(t.circuit.available() for t in chain[index + 1 :])
             retry = 0
@@ -75,9 +76,13 @@ class Failover:
                 if previous is not None and previous is not target:
                     ctx.fallbacks += 1
                     ctx.fallback_log.append((previous.id, target.id))
+                    if tracer is not None:
+                        tracer.fallback(previous.id, target.id)
                 previous = target
                 if not target.circuit.allow():
                     skipped.append(target)
+                    if tracer is not None:
+                        tracer.circuit_rejected(target.id, target.circuit.retry_in())
                     break
                 ctx.attempts += 1
                 target.begin()
@@ -85,7 +90,12 @@ class Failover:
                 try:
                     try:
                         async with asyncio.timeout(left):
-                            result = await attempt(target, left)
+                            if tracer is None:
+                                result = await attempt(target, left)
+                            else:  # a CLIENT span; upstream headers carry its traceparent
+                                result = await tracer.attempt(
+                                    target, attempt, left, retry=retry, fallback=index > 0
+                                )
                     except TimeoutError:
                         raise _deadline(target, self.config) from None
                 except UpstreamError as exc:
@@ -110,6 +120,8 @@ class Failover:
                         break
                     retry += 1
                     ctx.retries += 1
+                    if tracer is not None:
+                        tracer.retry(target.id, retry, wait, exc)
                     await asyncio.sleep(wait)
                 except InvalidRequest as exc:
                     # This target's API cannot express the request (say n > 1 for Claude);

@@ -91,6 +91,11 @@ class Metrics:
             "resillm_budget_spent_usd", "Spend in the current window (hour, day).",
             registry=registry,
         )  # fmt: skip
+        self.budget_store_errors = Counter(
+            "resillm_budget_store_errors_total",
+            "Budget store operations that failed (Redis down), by operation and policy.",
+            registry=registry,
+        )
         self.config_reloads = Counter(
             "resillm_config_reloads_total", "Config reloads by result (success, error).",
             registry=registry,

@@ -39,11 +39,12 @@ MAX_RECOVERIES = 3
 
 
 class OpenStream(NamedTuple):
-    """An upstream stream whose first chunk has arrived (read through ``chunks``)."""
+    """An upstream stream whose first token has arrived: ``head`` holds the chunks up to
+    and including it; the rest are read through ``chunks``."""
 
     stream: ChunkStream
     chunks: AsyncIterator[Chunk]
-    first: Chunk
+    head: tuple[Chunk, ...]
 
 
 # (call, targets or None for the whole chain, attempts per target or None for the config)
@@ -105,6 +106,7 @@ class StreamRelay:
         self.recovery = recovery
         self.send = send
         self.parts: list[str] = []  # content of choice 0 the client received
+        ctx.streamed = self.parts  # the access log joins it only with logging.log_responses
         self.tool_call = False
         self.usage_total: Usage | None = None
         self.call_usage: Usage | None = None
@@ -118,13 +120,14 @@ class StreamRelay:
         """Relay ``opened`` (and what recovers it). The failover loop left each target's
         circuit unsettled: a stream is a success only once it ends well, so a target whose
         streams keep dying mid-way does open its circuit."""
-        self.first_data = opened.first.data
+        self.first_data = opened.head[0].data
         settled = False
         try:
             await self.send({"type": "http.response.start", "status": 200, "headers": headers})
             while True:
                 try:
-                    await self.forward(opened.first)
+                    for chunk in opened.head:
+                        await self.forward(chunk)
                     async for chunk in opened.chunks:
                         await self.forward(chunk)
                     break
@@ -132,6 +135,8 @@ class StreamRelay:
                     self.ctx.malformed_events += getattr(opened.stream, "malformed", 0)
                     await opened.stream.aclose()
                     self.end_call(failed=True)
+                    if self.ctx.tracer is not None:
+                        self.ctx.tracer.stream_failed(exc)
                     diverged = isinstance(exc, Diverged)
                     # A diverged restart is not the target's fault.
                     target.settle("release" if diverged else "failure")
@@ -185,6 +190,7 @@ class StreamRelay:
             )
         if usage is not None:
             self.usage_total = add_usage(self.usage_total, usage)
+            self.ctx.usage = self.usage_total  # known before the last event: budgets settle then
         self.call_usage, self.call_chars = None, 0
 
     async def recover(self, failed: Target) -> tuple[Target, OpenStream] | None:

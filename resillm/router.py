@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
-from providers.base import Completion, UpstreamCall
+from providers.base import Chunk, Completion, UpstreamCall
 from resillm.asgi import JSON_CONTENT_TYPE, Headers, Receive, Scope, Send
-from resillm.balance import Balancer
+from resillm.balance import Balancer, CostOf
 from resillm.config import ResilienceConfig
 from resillm.context import RequestContext
 from resillm.errors import (
@@ -27,7 +27,9 @@ from resillm.errors import (
 from resillm.failover import Failover
 from resillm.relay import OpenStream, StreamRelay
 from resillm.targets import Route, Target
+from resillm.usage import estimate_tokens, prompt_chars
 
+EXPECTED_COMPLETION_TOKENS = 512  # for the cost strategy, when the client set no limit
 SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -62,7 +64,7 @@ class Router:
         self,
         routes: dict[str, Route],
         resilience: ResilienceConfig,
-        cost_of: Callable[[Target], float | None] | None = None,
+        cost_of: CostOf | None = None,
     ) -> None:
         self.routes = routes
         self.balancers = {
@@ -95,6 +97,17 @@ class Router:
         finally:
             watch.stop()
 
+    def balanced_chain(self, ctx: RequestContext, route: Route) -> list[Target]:
+        balancer = self.balancers[route.alias]
+        if balancer.strategy != "cost" or ctx.request is None:
+            return balancer.chain()
+        request = ctx.request
+        expected = (
+            estimate_tokens(prompt_chars(request)),
+            request.token_limit or EXPECTED_COMPLETION_TOKENS,
+        )
+        return balancer.chain(expected)
+
     def call_for(self, ctx: RequestContext) -> UpstreamCall:
         assert ctx.request is not None and ctx.raw is not None
         return UpstreamCall(
@@ -111,7 +124,7 @@ class Router:
         async def attempt(target: Target, seconds_left: float) -> Completion:
             return await target.upstream.complete(call)  # the failover loop bounds it
 
-        chain = self.balancers[route.alias].chain()
+        chain = self.balanced_chain(ctx, route)
         target, completion = await self.failover.run(ctx, route, attempt, chain=chain)
         ctx.provider, ctx.upstream_model = target.provider, completion.model
         ctx.usage = completion.usage
@@ -128,7 +141,7 @@ class Router:
         call = self.call_for(ctx)
         request_s = self.timeouts.request
         loop = asyncio.get_running_loop()
-        balanced = self.balancers[route.alias].chain()
+        balanced = self.balanced_chain(ctx, route)
 
         async def opener(
             call: UpstreamCall, chain: Sequence[Target] | None, max_attempts: int | None
@@ -147,7 +160,7 @@ class Router:
 
         target, opened = await opener(call, None, None)
         ctx.ttft_s = time.monotonic() - ctx.started
-        model = opened.first.model or target.model
+        model = opened.head[0].model or target.model
         ctx.provider, ctx.upstream_model = target.provider, model
         headers = [*SSE_HEADERS, *resillm_headers(ctx, target, model)]
         relay = StreamRelay(ctx, call, balanced, opener, recovery=self.stream_recovery, send=send)
@@ -156,14 +169,20 @@ class Router:
     async def open_attempt(
         self, call: UpstreamCall, target: Target, seconds_left: float
     ) -> OpenStream:
-        """Open a stream and read its first chunk within the first-token timeout."""
+        """Open a stream and read it up to its first token within the first-token timeout.
+
+        A role-only chunk is not a token: until content (or a tool call, or a finish)
+        arrives, a failure can still be retried or fall back, since the client has seen
+        nothing yet."""
         limit = min(self.timeouts.first_token, seconds_left)
         try:
             async with asyncio.timeout(limit):
                 upstream_stream = await target.upstream.open_stream(call)
                 chunks = aiter(upstream_stream)
+                head: list[Chunk] = []
                 try:
-                    first = await anext(chunks)
+                    while not head or not head[-1].substantial:
+                        head.append(await anext(chunks))
                 except BaseException:
                     await upstream_stream.aclose()
                     raise
@@ -175,7 +194,7 @@ class Router:
                 provider=target.provider,
                 model=target.model,
             ) from None
-        return OpenStream(upstream_stream, chunks, first)
+        return OpenStream(upstream_stream, chunks, tuple(head))
 
 
 def resillm_headers(ctx: RequestContext, target: Target, model: str) -> Headers:

@@ -22,6 +22,7 @@ from providers.http import status_error, upstream_errors
 from providers.sse import SSEDecoder
 from resillm.config import AnthropicProviderConfig
 from resillm.errors import UpstreamError, UpstreamStatusError
+from resillm.tracecontext import with_trace_headers
 
 MESSAGES_PATH = "/v1/messages"
 
@@ -98,7 +99,10 @@ class AnthropicUpstream:
                 self._owner.limit,
                 asyncio.timeout(self._timeout_s),
                 self._owner.session.post(
-                    self.url, data=data, headers=self.headers, timeout=self._connect
+                    self.url,
+                    data=data,
+                    headers=with_trace_headers(self.headers),
+                    timeout=self._connect,
                 ) as response,
             ):
                 if response.status != 200:
@@ -120,7 +124,10 @@ class AnthropicUpstream:
             with upstream_errors(self.provider, self.model):
                 async with asyncio.timeout(self._timeout_s):
                     response = await self._owner.session.post(
-                        self.url, data=data, headers=self.headers, timeout=self._connect
+                        self.url,
+                        data=data,
+                        headers=with_trace_headers(self.headers),
+                        timeout=self._connect,
                     )
                 if response.status != 200:
                     try:
@@ -187,7 +194,7 @@ class AnthropicChunkStream:
                 self._pending.extend(self.translator.feed(event))
                 if self.translator.stopped:
                     break
-            self._started = self._started or bool(self._pending)
+            self._started = self._started or any(c.substantial for c in self._pending)
             if self.translator.stopped or not data:
                 self.translator.check_complete()
                 self._end(failure=None)

@@ -34,6 +34,7 @@ from providers.bedrock.stream import BedrockChunkStream, StreamTranslator
 from providers.http import MAX_ERROR_BODY_BYTES, parse_retry_after, upstream_errors
 from resillm.config import BedrockProviderConfig
 from resillm.errors import UpstreamStatusError
+from resillm.tracecontext import with_trace_headers
 
 JSON = "application/json"
 EVENT_STREAM = "application/vnd.amazon.eventstream"
@@ -108,7 +109,7 @@ class BedrockUpstream:
                 async with owner.session.post(
                     URL(self._converse_url, encoded=True),
                     data=body,
-                    headers=headers,
+                    headers=with_trace_headers(headers),
                     timeout=self._connect,
                 ) as response:
                     if response.status != 200:
@@ -134,7 +135,7 @@ class BedrockUpstream:
                 response = await self._owner.session.post(
                     URL(self._stream_url, encoded=True),
                     data=body,
-                    headers=headers,
+                    headers=with_trace_headers(headers),
                     timeout=self._connect,
                 )
                 if response.status != 200:

@@ -292,7 +292,7 @@ class BedrockChunkStream:
             )
             return
         if chunk is not None:
-            self._started = True
+            self._started = self._started or chunk.substantial
             self._pending.append(chunk)
         if self._translator.complete:
             self._end()

@@ -335,3 +335,17 @@ async def test_a_target_whose_streams_keep_dying_mid_way_opens_its_circuit(
     assert after.headers["x-resillm-provider"] == "good"
     assert after.events[-1] == "[DONE]"
     assert upstream.stats.by_model == {"bad-model": 2, "good-model": 1}
+
+
+@pytest.mark.parametrize("fault", ["cut-0", "error-event-0", "stall-0"])
+async def test_a_stream_that_dies_after_its_role_chunk_still_falls_back(
+    upstream: MockUpstream, fault: str
+) -> None:
+    # The role chunk carries no token: the client has seen nothing, so the failure is an
+    # ordinary failed attempt and the next target answers the whole stream.
+    async with serving(bad_then_good(upstream, {"fault": fault}), upstream) as gw:
+        reply = await ask(gw.url, stream=True)
+
+    assert (reply.text, reply.finish_reason, reply.provider) == (FULL_ANSWER, "stop", "good")
+    assert upstream.stats.by_model["bad-model"] >= 1
+    await settled(upstream)

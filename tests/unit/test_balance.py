@@ -106,8 +106,21 @@ def test_least_busy_picks_fewest_in_flight() -> None:
 def test_cost_picks_the_cheapest_and_unknown_prices_go_last() -> None:
     a, b_, c = target("a"), target("b"), target("c")
     prices = {"a": 3.0, "b": None, "c": 1.0}
-    b = balancer("cost", a, b_, c, cost_of=lambda t: prices[t.provider])
+    b = balancer("cost", a, b_, c, cost_of=lambda t, _p, _c: prices[t.provider])
     assert [t.provider for t in b.order()] == ["c", "a", "b"]
+
+
+def test_cost_depends_on_the_requests_expected_tokens() -> None:
+    # "reader" is cheap to read and dear to write; "writer" the other way round.
+    per_token = {"reader": (1.0, 10.0), "writer": (5.0, 2.0)}
+
+    def cost_of(t: Target, prompt: int, completion: int) -> float:
+        read, write = per_token[t.provider]
+        return read * prompt + write * completion
+
+    b = balancer("cost", target("reader"), target("writer"), cost_of=cost_of)
+    assert b.order((10_000, 10))[0].provider == "reader"  # a long prompt, a short answer
+    assert b.order((10, 10_000))[0].provider == "writer"  # a short prompt, a long answer
 
 
 @pytest.mark.parametrize("strategy", ["priority", "round_robin", "least_busy", "least_latency"])

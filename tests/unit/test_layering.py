@@ -7,9 +7,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 LEAVES = {
+    "resillm.alerts",
     "resillm.asgi",
     "resillm.budget",
+    "resillm.budget_redis",
+    "resillm.budget_store",
     "resillm.cache",
+    "resillm.cache_answer",
+    "resillm.cache_store",
     "resillm.config",
     "resillm.config_loader",
     "resillm.context",
@@ -18,7 +23,9 @@ LEAVES = {
     "resillm.log",
     "resillm.metrics",
     "resillm.pricing",
+    "resillm.redact",
     "resillm.schema",
+    "resillm.tracecontext",
     "resillm.usage",
 }
 ROUTING = {

@@ -1,0 +1,105 @@
+"""The budget gate: reserve before the request goes upstream, settle with its real cost.
+
+Only chat completions are gated. The reservation is the estimated cost of the prompt
+(four characters a token) plus ``max_completion_tokens``/``max_tokens`` (or
+``budget.default_max_tokens``) times ``n``, at the price of the alias's dearest target.
+Settlement happens just before the response's last body message (so a client that asks
+``/v1/budget`` next sees its own spend, and its next request is judged by it rather than by
+the reservation), or in ``finally`` for a request that failed, was cancelled or whose client
+left mid-stream: it still releases its reservation and pays for what it used. ``ctx.cost``
+is set for the metrics and the access log. Under ``action: warn`` an over-budget request goes
+through with ``x-resillm-budget-warning``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from middleware.request import CHAT_COMPLETIONS
+from resillm.asgi import ASGIApp, Message, Receive, Scope, Send
+from resillm.budget import BudgetTracker
+from resillm.context import RequestContext
+from resillm.pricing import PriceBook, cost_nano_usd, to_usd
+from resillm.usage import estimate_tokens, prompt_chars
+
+WARNING_HEADER = b"x-resillm-budget-warning"
+
+
+class BudgetMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tracker: BudgetTracker,
+        prices: PriceBook,
+        default_max_tokens: int,
+    ) -> None:
+        self.app = app
+        self.tracker = tracker
+        self.prices = prices
+        self.default_max_tokens = default_max_tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = RequestContext.of(scope)
+        if ctx.route != CHAT_COMPLETIONS or ctx.alias is None or not self.prices.knows(ctx.alias):
+            await self.app(scope, receive, send)  # the router answers 404 to an unknown alias
+            return
+        admission = await self.tracker.admit(ctx.client_key, self.estimate(ctx))
+        warning = admission.warning
+        header = None if warning is None else (WARNING_HEADER, warning.encode("latin-1", "replace"))
+        settled = False
+
+        async def settle() -> None:
+            nonlocal settled
+            settled = True
+            cost = self.cost(ctx)
+            ctx.cost = None if cost is None else to_usd(cost)
+            # Shielded: a second cancellation (server shutdown) must not lose the spend.
+            await asyncio.shield(self.tracker.settle(admission, cost))
+
+        async def send_settling_first(message: Message) -> None:
+            if message["type"] == "http.response.start" and header is not None:
+                message["headers"] = [*message.get("headers", ()), header]
+            elif (
+                message["type"] == "http.response.body"
+                and not message.get("more_body")
+                and not settled
+            ):
+                await settle()  # before the client sees the end: it reads its own spend
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_settling_first)
+        finally:
+            if not settled:
+                await settle()
+
+    def estimate(self, ctx: RequestContext) -> int:
+        """The reservation, in nano-dollars."""
+        request, alias = ctx.request, ctx.alias
+        assert request is not None and alias is not None
+        price = self.prices.reservation_price(alias)
+        if price is None:
+            return 0
+        completion = (request.token_limit or self.default_max_tokens) * (request.n or 1)
+        return cost_nano_usd(price, estimate_tokens(prompt_chars(request)), completion)
+
+    def cost(self, ctx: RequestContext) -> int | None:
+        """The real cost in nano-dollars; ``None`` when no upstream reported usage."""
+        if ctx.cache == "hit":
+            return 0
+        usage = ctx.usage
+        if usage is None:
+            return None
+        # The configured model of the target that answered (its first successful attempt).
+        target_model = next(
+            (m for p, m, out, _ in ctx.attempt_log if out == "success" and p == ctx.provider),
+            None,
+        )
+        price = self.prices.price(ctx.alias, ctx.provider, target_model, ctx.upstream_model)
+        if price is None:
+            return 0
+        return cost_nano_usd(price, usage.prompt_tokens, usage.completion_tokens)

@@ -1,0 +1,245 @@
+"""The cache layer: answer identical chat completions from the cache, or record the answer.
+
+Only ``POST /v1/chat/completions`` with a parsed request for a configured alias; the layer is
+not in the stack at all when ``cache.enabled`` is false. Every chat completion it handles
+gets ``x-resillm-cache``:
+
+- ``hit``: answered from the cache (or from an identical request in flight, see below),
+  with no upstream call: as JSON, or as an SSE stream synthesised from the stored answer
+  when the client asked to stream. ``x-resillm-attempts: 0``; ``ctx.usage`` stays empty and
+  the budget bills nothing.
+- ``miss``: looked up, not found; the response is forwarded message by message as it comes
+  (never buffered) while its answer is assembled on the side, and stored only when it is a
+  complete success: status 200 and, for a stream, ``[DONE]`` with no error event before it.
+- ``bypass``: not looked up. The client sent ``Cache-Control: no-cache`` (or ``max-age=0``):
+  the answer still refreshes the entry. Or the request is not cacheable: ``n`` > 1,
+  ``logprobs`` or audio output (the stored answer keeps one text per choice and no
+  logprobs or audio), or the client sent both ``no-cache`` and ``no-store``.
+
+``Cache-Control: no-store`` alone: looked up as usual, the answer is not stored.
+
+Coalescing (``cache.coalesce``): the first request for a key leads; identical requests
+arriving while it is in flight wait, up to ``coalesce_timeout``, for its answer and are
+served from it as hits. When the leader fails (or leaves) the waiters are not given its
+failure: each goes upstream itself. A waiter whose client disconnects stops waiting.
+Requests with ``no-store`` never lead (their answer is not to be kept); requests with
+``no-cache`` never wait.
+
+``resillm_cache_requests_total{result}`` counts lookups: ``hit``, ``miss``, and ``error``
+when the store could not answer in time (Redis down) and the request went on without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Collection
+from typing import Any, NamedTuple
+
+from middleware.request import CHAT_COMPLETIONS
+from resillm.asgi import ASGIApp, Headers, Message, Receive, Scope, Send, send_json
+from resillm.cache import ResponseCache, cache_key
+from resillm.cache_answer import AnswerRecorder, CachedAnswer, completion_json, stream_events
+from resillm.context import RequestContext
+from resillm.errors import GatewayError
+from resillm.metrics import Metrics
+from resillm.schema import ChatCompletionRequest
+
+CACHE_HEADER = "x-resillm-cache"
+# The router's SSE headers (middleware cannot import the router).
+SSE_HEADERS: Headers = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class Policy(NamedTuple):
+    """What the client allows for this request."""
+
+    cacheable: bool  # False: neither looked up nor stored
+    look: bool  # look the answer up (no ``no-cache``)
+    store: bool  # store the answer (no ``no-store``)
+
+
+def request_policy(scope: Scope, request: ChatCompletionRequest, raw: dict[str, object]) -> Policy:
+    directives: set[str] = set()
+    for name, value in scope.get("headers", ()):
+        if name == b"cache-control":
+            directives.update(d.strip().lower() for d in value.decode("latin-1").split(","))
+    look = not ({"no-cache", "max-age=0"} & directives)
+    store = "no-store" not in directives
+    modalities = raw.get("modalities")
+    audio = raw.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities)
+    cacheable = (request.n or 1) == 1 and not request.logprobs and not audio
+    return Policy(cacheable and (look or store), look, store)
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its request waited for an identical one."""
+
+
+class Outcome(NamedTuple):
+    answer: CachedAnswer | None  # what the client got, when it is a whole success
+    store: bool  # whether to store it
+
+
+class CacheMiddleware:
+    def __init__(
+        self, app: ASGIApp, *, cache: ResponseCache, metrics: Metrics, aliases: Collection[str]
+    ) -> None:
+        self.app = app
+        self.cache = cache
+        self.metrics = metrics
+        self.aliases = aliases
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = RequestContext.of(scope)
+        request, raw, alias = ctx.request, ctx.raw, ctx.alias
+        if (
+            ctx.route != CHAT_COMPLETIONS
+            or scope["method"] != "POST"
+            or request is None
+            or raw is None
+            or alias is None
+            or alias not in self.aliases
+        ):
+            await self.app(scope, receive, send)  # the router answers errors (404, 405)
+            return
+        policy = request_policy(scope, request, raw)
+        if not policy.cacheable:
+            await self.forward(ctx, scope, receive, send, status="bypass", record=False)
+            return
+        key = cache_key(alias, raw)
+        status = "miss" if policy.look else "bypass"
+        flights = self.cache.flights
+        flight = None
+        if self.cache.config.coalesce:
+            pending = flights.current(key)
+            if pending is None:
+                flight = flights.lead(key) if policy.store else None
+            elif policy.look:
+                try:
+                    answer = await self.wait(pending, receive)
+                except _ClientGone:
+                    ctx.status, ctx.error = 499, "client disconnected"
+                    return
+                if answer is not None:
+                    self.count("hit")
+                    await self.serve(ctx, answer, send)
+                    return
+                # The leader failed or is too slow: go upstream, as it did.
+                self.count("miss")
+                policy = policy._replace(look=False)
+        outcome = Outcome(None, False)
+        try:
+            outcome = await self.respond(ctx, key, policy, status, scope, receive, send)
+        finally:
+            if flight is not None:
+                flights.land(key, flight, outcome.answer)
+        if outcome.store and outcome.answer is not None:
+            await self.cache.put(key, outcome.answer)
+
+    async def respond(
+        self, ctx: RequestContext, key: str, policy: Policy, status: str, scope: Scope,
+        receive: Receive, send: Send,
+    ) -> Outcome:  # fmt: skip
+        """A lookup (unless the policy says not to), then the app on a miss."""
+        if policy.look:
+            lookup = await self.cache.get(key)
+            self.count(lookup.result)
+            if lookup.answer is not None:
+                await self.serve(ctx, lookup.answer, send)
+                return Outcome(lookup.answer, False)
+        answer = await self.forward(ctx, scope, receive, send, status=status, record=True)
+        return Outcome(answer, policy.store)
+
+    async def wait(
+        self, pending: asyncio.Future[CachedAnswer | None], receive: Receive
+    ) -> CachedAnswer | None:
+        """The leader's answer; ``None`` when it failed or took over ``coalesce_timeout``.
+
+        Listens for ``http.disconnect`` meanwhile (hypercorn's only sign of a gone client);
+        anything else on ``receive`` ends the listening, never the wait."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cache.config.coalesce_timeout
+        listener: asyncio.Future[Message] | None = asyncio.ensure_future(receive())
+        try:
+            while not pending.done() and (left := deadline - loop.time()) > 0:
+                either: set[asyncio.Future[Any]] = {pending, *([listener] if listener else [])}
+                await asyncio.wait(either, timeout=left, return_when="FIRST_COMPLETED")
+                if listener is not None and listener.done():
+                    if _disconnected(listener):
+                        raise _ClientGone
+                    listener = None
+        finally:
+            if listener is not None and not listener.done():
+                listener.cancel()
+        return pending.result() if pending.done() else None
+
+    async def forward(
+        self, ctx: RequestContext, scope: Scope, receive: Receive, send: Send, *, status: str,
+        record: bool,
+    ) -> CachedAnswer | None:  # fmt: skip
+        """Pass the request on, the header added; assemble the answer when ``record``."""
+        ctx.cache = status
+        header = (CACHE_HEADER.encode(), status.encode())
+        recorder = AnswerRecorder(stream=ctx.stream) if record else None
+        succeeded = False
+
+        async def send_recording_answer(message: Message) -> None:
+            nonlocal succeeded
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+                succeeded = message["status"] == 200
+            await send(message)
+            if recorder is not None and succeeded and message["type"] == "http.response.body":
+                recorder.feed(message.get("body", b""))
+
+        try:
+            await self.app(scope, receive, send_recording_answer)
+        except GatewayError as exc:  # rendered by the errors layer: it takes our header too
+            exc.headers.setdefault(CACHE_HEADER, status)
+            raise
+        if recorder is None or not succeeded or ctx.provider is None:
+            return None
+        return recorder.answer(provider=ctx.provider, model=ctx.upstream_model, usage=ctx.usage)
+
+    async def serve(self, ctx: RequestContext, answer: CachedAnswer, send: Send) -> None:
+        """Answer from ``answer`` without going upstream."""
+        ctx.cache = "hit"
+        ctx.usage = None  # nothing was spent: the budget bills 0
+        ctx.provider, ctx.upstream_model, ctx.attempts = answer.provider, answer.model, 0
+        headers: Headers = [
+            (CACHE_HEADER.encode(), b"hit"),
+            (b"x-resillm-provider", answer.provider.encode()),
+            (b"x-resillm-model", answer.model.encode()),
+            (b"x-resillm-attempts", b"0"),
+        ]
+        if not ctx.stream:
+            await send_json(send, 200, completion_json(answer), headers)
+            return
+        assert ctx.request is not None
+        options = ctx.request.stream_options
+        events = list(stream_events(answer, include_usage=bool(options and options.include_usage)))
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]}
+        )
+        ctx.ttft_s = time.monotonic() - ctx.started
+        if answer.choices:
+            ctx.streamed = [answer.choices[0].content or ""]  # for the access log
+        last = len(events) - 1
+        for position, event in enumerate(events):
+            await send({"type": "http.response.body", "body": event, "more_body": position < last})
+
+    def count(self, result: str) -> None:
+        self.metrics.cache_requests.inc({"result": result})
+
+
+def _disconnected(listener: asyncio.Future[Message]) -> bool:
+    if not listener.done() or listener.cancelled() or listener.exception() is not None:
+        return False
+    return bool(listener.result()["type"] == "http.disconnect")

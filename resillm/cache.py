@@ -1,0 +1,174 @@
+"""The response cache: keys, the store behind them, and the requests in flight.
+
+**The key** is the alias plus every field of the request body that can change the answer,
+canonical: the decoded body is re-encoded with sorted keys and no whitespace, so key order
+and formatting never matter, then hashed (SHA-256). :data:`IGNORED_FIELDS` lists what is
+left out because it does not change the answer; a field set to ``null`` counts as absent,
+and ``n: 1`` as no ``n``. Which client key sent the request is not part of the key: the same
+question to the same alias gets the same answer, whoever asks.
+
+:class:`ResponseCache` belongs to the gateway, so stored answers and the requests in flight
+outlive config reloads; ``configure`` applies new cache settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple
+
+import msgspec
+
+from resillm.cache_answer import CachedAnswer, answer_decoder, answer_encoder
+from resillm.cache_store import CacheStore, CacheUnavailable, MemoryCacheStore, RedisCacheStore
+from resillm.config import CacheConfig
+
+logger = logging.getLogger("resillm.cache")
+
+# Fields that do not change the answer: who asks (user, safety_identifier), how it is
+# delivered (stream, stream_options), what OpenAI does with it afterwards (metadata, store,
+# service_tier), and a hint for the provider's own prompt cache (prompt_cache_key).
+IGNORED_FIELDS = frozenset(
+    {
+        "user",
+        "stream",
+        "stream_options",
+        "metadata",
+        "store",
+        "service_tier",
+        "prompt_cache_key",
+        "safety_identifier",
+    }
+)
+KEY_VERSION = b"v1"  # bump when the key or the stored answer changes shape
+SWEEP_INTERVAL_S = 60.0
+_key_encoder = msgspec.json.Encoder(order="sorted")
+
+Result = Literal["hit", "miss", "error"]
+
+
+def cache_key(alias: str, raw: Mapping[str, Any]) -> str:
+    """The cache key of a chat completion request for ``alias`` (its decoded JSON body)."""
+    fields: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name in IGNORED_FIELDS or value is None or (name == "n" and value == 1):
+            continue
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # temperature 1 and 1.0 ask the same
+        fields[name] = value
+    fields["model"] = alias
+    digest = hashlib.sha256(KEY_VERSION)
+    digest.update(_key_encoder.encode(fields))
+    return digest.hexdigest()[:40]
+
+
+class Lookup(NamedTuple):
+    answer: CachedAnswer | None
+    result: Result  # "error": the store could not answer, the request went on without it
+
+
+class Flights:
+    """Requests in flight by key: the first leads, identical ones arriving meanwhile wait
+    for the answer it lands (``None`` when it failed: a failure is never shared)."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, asyncio.Future[CachedAnswer | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def current(self, key: str) -> asyncio.Future[CachedAnswer | None] | None:
+        return self._flights.get(key)
+
+    def lead(self, key: str) -> asyncio.Future[CachedAnswer | None] | None:
+        """Take the lead for ``key``; ``None`` when another request already has it."""
+        if key in self._flights:
+            return None
+        flight: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
+        self._flights[key] = flight
+        return flight
+
+    def land(
+        self, key: str, flight: asyncio.Future[CachedAnswer | None], answer: CachedAnswer | None
+    ) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if not flight.done():
+            flight.set_result(answer)
+
+
+class ResponseCache:
+    """The gateway's cache: the configured store, the TTL, and the requests in flight."""
+
+    def __init__(self, config: CacheConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.memory = MemoryCacheStore(
+            max_entries=config.max_size, max_bytes=config.max_bytes, clock=clock
+        )
+        self.redis: RedisCacheStore | None = None
+        self.flights = Flights()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def store(self) -> CacheStore:
+        return self.redis if self.redis is not None else self.memory
+
+    async def start(self) -> None:
+        await self.configure(self.config)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def configure(self, config: CacheConfig) -> None:
+        """Apply (new) settings: bounds, TTL, backend. The memory store keeps its answers
+        unless the cache was turned off or moved to Redis."""
+        self.config = config
+        self.memory.resize(max_entries=config.max_size, max_bytes=config.max_bytes)
+        if not config.enabled or config.backend != "memory":
+            self.memory.clear()
+        wanted = config.enabled and config.backend == "redis"
+        redis = self.redis
+        if redis is not None and (
+            not wanted or (redis.url, redis.timeout_s) != (config.redis_url, config.redis_timeout)
+        ):
+            self.redis = None
+            await redis.aclose()  # a request still holding it fails over to a miss
+        if wanted and self.redis is None:
+            self.redis = RedisCacheStore(config.redis_url, timeout_s=config.redis_timeout)
+
+    async def stop(self) -> None:
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        redis, self.redis = self.redis, None
+        if redis is not None:
+            await redis.aclose()
+        self.memory.clear()
+
+    async def get(self, key: str) -> Lookup:
+        try:
+            value = await self.store.get(key)
+        except CacheUnavailable:
+            return Lookup(None, "error")
+        if value is None:
+            return Lookup(None, "miss")
+        try:
+            return Lookup(answer_decoder.decode(value), "hit")
+        except msgspec.DecodeError:  # written by another version: treat as absent
+            logger.debug("cache: unreadable entry %s ignored", key)
+            return Lookup(None, "miss")
+
+    async def put(self, key: str, answer: CachedAnswer) -> None:
+        """Store ``answer``; a store that is down is logged by the store and skipped."""
+        with contextlib.suppress(CacheUnavailable):
+            await self.store.set(key, answer_encoder.encode(answer), self.config.ttl)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(SWEEP_INTERVAL_S, self.config.ttl))
+            self.memory.purge_expired()
