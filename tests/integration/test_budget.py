@@ -276,6 +276,6 @@ async def test_a_reload_brings_new_limits_to_the_same_spend(tmp_path: Path) -> N
         assert [await post(session, url) for _ in range(3)] == [200, 200, 429]
         config["budget"]["hourly_limit"] = 0.03
         path.write_text(json.dumps(config))
-        assert await gateway.reload()
+        assert (await gateway.reload()).applied
         assert [await post(session, url) for _ in range(2)] == [200, 429]
         assert (await budget_of(url))["current_hour"]["spent"] == 0.03

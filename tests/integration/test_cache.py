@@ -285,13 +285,13 @@ async def test_answers_survive_a_reload_and_the_cache_can_be_turned_off(
     body = {"model": "chat", "messages": HELLO}
     async with serve_asgi(gateway) as url, aiohttp.ClientSession() as session:
         await post(session, url, body)
-        assert await gateway.reload()
+        assert (await gateway.reload()).applied
         _, headers, _ = await post(session, url, body)
         assert headers["x-resillm-cache"] == "hit"
         config = cached(upstream)
         config["cache"]["enabled"] = False
         path.write_text(json.dumps(config))
-        assert await gateway.reload()
+        assert (await gateway.reload()).applied
         _, headers, _ = await post(session, url, body)
         assert "x-resillm-cache" not in headers
     assert upstream.stats.requests == 2

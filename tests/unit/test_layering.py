@@ -16,6 +16,7 @@ LEAVES = {
     "resillm.cache_answer",
     "resillm.cache_store",
     "resillm.config",
+    "resillm.config_diff",
     "resillm.config_loader",
     "resillm.context",
     "resillm.durations",
@@ -108,6 +109,8 @@ def broken_rule(module: str, target: str) -> str | None:
         "resillm.reload",
     }:
         return "only the process layer imports the app"
+    if target == "resillm.runtime" and module != "resillm.app":
+        return "only the app builds runtimes"
     if module.startswith("resillm.mock_upstream") and not target.startswith(
         "resillm.mock_upstream"
     ):
@@ -136,4 +139,6 @@ def test_only_the_app_imports_both_middleware_and_providers() -> None:
         if any(i.startswith("middleware.") for i in imports)
         and any(i.startswith("providers.") for i in imports)
     ]
-    assert both == ["resillm.app"]
+    # The composition root: the gateway's lifecycle (app) and the assembly of one config
+    # (runtime).
+    assert sorted(both) == ["resillm.app", "resillm.runtime"]
