@@ -47,7 +47,8 @@ class BudgetMiddleware:
         if ctx.route != CHAT_COMPLETIONS or ctx.alias is None or not self.prices.knows(ctx.alias):
             await self.app(scope, receive, send)  # the router answers 404 to an unknown alias
             return
-        admission = await self.tracker.admit(ctx.client_key, self.estimate(ctx))
+        estimate = self.estimate(ctx) if self.tracker.persist else 0
+        admission = await self.tracker.admit(ctx.client_key, estimate)
         warning = admission.warning
         header = None if warning is None else (WARNING_HEADER, warning.encode("latin-1", "replace"))
         settled = False
@@ -57,8 +58,12 @@ class BudgetMiddleware:
             settled = True
             cost = self.cost(ctx)
             ctx.cost = None if cost is None else to_usd(cost)
-            # Shielded: a second cancellation (server shutdown) must not lose the spend.
-            await asyncio.shield(self.tracker.settle(admission, cost))
+            settling = self.tracker.settle(admission, cost)
+            if self.tracker.store_awaits:
+                # Shielded: a second cancellation (server shutdown) must not lose the spend.
+                await asyncio.shield(settling)
+            else:
+                await settling  # runs to its end without suspending: nothing to cancel
 
         async def send_settling_first(message: Message) -> None:
             if message["type"] == "http.response.start" and header is not None:

@@ -9,17 +9,23 @@ leaves it high.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from resillm.asgi import ASGIApp, Message, Receive, Scope, Send
 from resillm.context import SCOPE_KEY, RequestContext
 from resillm.errors import GatewayError
 from resillm.metrics import NONE, Metrics
 
+# Told of each finished request: (status, duration in seconds, fallbacks). The admin page's
+# charts; it must stay as cheap as the counters here.
+Observer = Callable[[int, float, int], None]
+
 
 class MetricsMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, observe: Observer | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,31 +54,38 @@ class MetricsMiddleware:
             metrics.inflight.dec({})
             ctx: RequestContext | None = scope.get(SCOPE_KEY)
             if ctx is not None:
-                record(metrics, ctx, ctx.status or status, time.monotonic() - started)
+                duration_s = time.monotonic() - started
+                record(metrics, ctx, ctx.status or status, duration_s)
+                if self.observe is not None:
+                    self.observe(ctx.status or status, duration_s, ctx.fallbacks)
 
 
 def record(metrics: Metrics, ctx: RequestContext, status: int, duration_s: float) -> None:
+    # Counters go through ``metrics.count`` (flushed at scrape time); histograms observe now.
     model = ctx.alias or NONE
     provider = ctx.provider or NONE
-    by_target = {"model": model, "provider": provider}
-    metrics.requests.inc({**by_target, "status": str(status)})
-    metrics.request_duration.observe(by_target, duration_s)
+    by_target = (("model", model), ("provider", provider))
+    count = metrics.count
+    count(metrics.requests, (*by_target, ("status", str(status))))
+    labels = {"model": model, "provider": provider}
+    metrics.request_duration.observe(labels, duration_s)
     if ctx.ttft_s is not None:
-        metrics.ttft.observe(by_target, ctx.ttft_s)
+        metrics.ttft.observe(labels, ctx.ttft_s)
     for attempt_provider, attempt_model, outcome, is_retry in ctx.attempt_log:
-        labels = {"provider": attempt_provider, "model": attempt_model}
-        metrics.upstream_attempts.inc({**labels, "outcome": outcome})
+        attempt = (("model", attempt_model), ("provider", attempt_provider))
+        count(metrics.upstream_attempts, (*attempt, ("outcome", outcome)))
         if is_retry:
-            metrics.retries.inc(labels)
+            count(metrics.retries, attempt)
     for from_target, to_target in ctx.fallback_log:
-        metrics.fallbacks.inc({"model": model, "from_target": from_target, "to_target": to_target})
+        fallback = (("from_target", from_target), ("model", model), ("to_target", to_target))
+        count(metrics.fallbacks, fallback)
     usage = ctx.usage
     if usage is not None:
-        metrics.tokens.add({**by_target, "kind": "prompt"}, usage.prompt_tokens)
-        metrics.tokens.add({**by_target, "kind": "completion"}, usage.completion_tokens)
+        count(metrics.tokens, (("kind", "prompt"), *by_target), usage.prompt_tokens)
+        count(metrics.tokens, (("kind", "completion"), *by_target), usage.completion_tokens)
     if ctx.cost:
-        metrics.cost.add(by_target, ctx.cost)
+        count(metrics.cost, by_target, ctx.cost)
     for outcome in ctx.recoveries:
-        metrics.stream_recoveries.inc({"outcome": outcome})
+        count(metrics.stream_recoveries, (("outcome", outcome),))
     if ctx.malformed_events:
-        metrics.malformed_events.add({"provider": provider}, ctx.malformed_events)
+        count(metrics.malformed_events, (("provider", provider),), ctx.malformed_events)

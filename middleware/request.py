@@ -6,8 +6,9 @@ chat completion bodies are decoded and validated here, so no other layer parses 
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
 from typing import Any
 
 import msgspec
@@ -22,6 +23,25 @@ from resillm.tracecontext import TRACER_SCOPE_KEY
 CHAT_COMPLETIONS = "/v1/chat/completions"
 _CLIENT_ID_RE = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _AT_RE = re.compile(r"^(.*) - at `\$\.?(.*)`$", re.S)
+
+
+class _RequestIds:
+    """Unique across processes (a random prefix per process, renewed after a fork) and
+    cheap (a counter): no uuid per request."""
+
+    def __init__(self) -> None:
+        self._pid = 0
+        self._prefix = ""
+        self._counter = itertools.count(1)
+
+    def new(self) -> str:
+        if self._pid != os.getpid():
+            self._pid, self._prefix = os.getpid(), f"req_{os.urandom(6).hex()}"
+            self._counter = itertools.count(1)
+        return f"{self._prefix}{next(self._counter):010x}"
+
+
+new_request_id = _RequestIds().new
 
 
 class ClientDisconnected(Exception):
@@ -40,9 +60,7 @@ class RequestMiddleware:
         route = route_path(scope)
         given = header(scope, b"x-request-id")
         request_id = (
-            given.decode()
-            if given and _CLIENT_ID_RE.fullmatch(given)
-            else f"req_{uuid.uuid4().hex}"
+            given.decode() if given and _CLIENT_ID_RE.fullmatch(given) else new_request_id()
         )
         ctx = RequestContext(request_id, route)
         ctx.tracer = scope.get(TRACER_SCOPE_KEY)  # the tracing layer's, when tracing is on

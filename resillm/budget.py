@@ -123,8 +123,13 @@ class BudgetTracker:
         self.config = config.budget
         self.persist = has_limits(config)
         self.store = store if store is not None else build_store(config.budget, clock)
+        # The memory store never suspends, so settling needs no shield (no extra task).
+        self.store_awaits = not isinstance(self.store, MemoryBudgetStore)
         self.alerts = AlertDispatcher(config.budget.alerts)
         self._task: asyncio.Task[None] | None = None
+        self._spent_now: dict[str, int] = {}
+        if metrics is not None:
+            metrics.on_render(self._push_gauge)
         self._store_down_logged_at: float | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -215,6 +220,8 @@ class BudgetTracker:
     async def admit(self, key: ClientKeyConfig | None, estimate: int) -> Admission:
         """Reserve ``estimate`` or raise :class:`BudgetExceeded` (``action: reject``) or
         :class:`BudgetUnavailable` (store down, ``redis_failure: closed``)."""
+        if not self.persist:
+            return Admission(key, (), 0, ())  # no limit anywhere: nothing to reserve against
         now = self.clock()
         meters = self.meters(key, now)
         warn = self.config.action == "warn"
@@ -290,11 +297,15 @@ class BudgetTracker:
         self._set_gauge(meters, [t.spent for t in totals])
 
     def _set_gauge(self, meters: Sequence[Meter], spent: Sequence[int]) -> None:
-        if self.metrics is None:
-            return
+        """Note the global windows' spend; the gauge is set from it at the next scrape."""
         for meter, amount in zip(meters, spent, strict=True):
             if meter.scope == "global":
-                self.metrics.budget_spent.set({"window": meter.window.kind}, to_usd(amount))
+                self._spent_now[meter.window.kind] = amount
+
+    def _push_gauge(self) -> None:
+        if self.metrics is not None:
+            for kind, amount in self._spent_now.items():
+                self.metrics.budget_spent.set({"window": kind}, to_usd(amount))
 
     def _store_failed(self, operation: str, exc: StoreUnavailable) -> None:
         policy = self.config.redis_failure

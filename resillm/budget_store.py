@@ -12,6 +12,7 @@ exactly.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import time
 from collections.abc import Sequence
@@ -27,6 +28,13 @@ _SECONDS: dict[WindowKind, int] = {"hour": 3600, "day": 86400}
 KEEP_AFTER_END_S = 3600
 
 
+@functools.lru_cache(maxsize=64)
+def _window_id(kind: str, start: int) -> str:
+    """Formatted once per window, not once per request."""
+    moment = dt.datetime.fromtimestamp(start, dt.UTC)
+    return moment.strftime("h%Y-%m-%dT%H" if kind == "hour" else "d%Y-%m-%d")
+
+
 @dataclass(frozen=True)
 class Window:
     """One UTC hour or day: ``[start, end)`` in epoch seconds."""
@@ -40,8 +48,7 @@ class Window:
 
     @property
     def id(self) -> str:
-        start = dt.datetime.fromtimestamp(self.start, dt.UTC)
-        return start.strftime("h%Y-%m-%dT%H" if self.kind == "hour" else "d%Y-%m-%d")
+        return _window_id(self.kind, self.start)
 
     @staticmethod
     def containing(kind: WindowKind, now: float) -> Window:

@@ -67,7 +67,6 @@ class Failover:
         previous: Target | None = None
         tracer = ctx.tracer  # None unless tracing is on: then spans and events, see below
         for index, target in enumerate(chain):
-            others_left = any(t.circuit.available() for t in chain[index + 1 :])
             retry = 0
             while True:
                 left = deadline - loop.time()
@@ -104,6 +103,7 @@ class Failover:
                     ctx.attempt_log.append(
                         (target.provider, target.model, attempt_outcome(exc), retry > 0)
                     )
+                    others_left = any(t.circuit.available() for t in chain[index + 1 :])
                     step = decide(exc, others_left=others_left)
                     if step is Next.CLIENT:
                         target.settle("release")

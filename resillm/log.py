@@ -10,11 +10,15 @@ logged meanwhile — the relay's recovery lines, a provider's warnings — carri
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import io
 import logging
 import sys
+import threading
 import time
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TextIO
 
 import msgspec
 
@@ -38,10 +42,16 @@ class RequestIdFilter(logging.Filter):
 class JSONFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "msg", ...fields}``; ``fields`` come from ``extra``."""
 
+    _second = -1
+    _second_text = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # formatted once a second, not once a line
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._second_text}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -85,13 +95,60 @@ def _text_value(value: Any) -> str:
     return _encoder.encode(value).decode()
 
 
+class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Lines go to a buffer that a background thread flushes every ``FLUSH_S``, so a
+    request's access line costs no system call on the event loop. Warnings and errors
+    are flushed at once, and so is everything at exit."""
+
+    FLUSH_S = 0.2
+
+    def __init__(self) -> None:
+        stream: TextIO = sys.stderr
+        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+            raw = io.FileIO(sys.stderr.fileno(), "w", closefd=False)
+            stream = io.TextIOWrapper(io.BufferedWriter(raw, 1 << 16), encoding="utf-8",
+                                      errors="backslashreplace", newline="\n")  # fmt: skip
+        super().__init__(stream)
+        self._stop = threading.Event()
+        thread = threading.Thread(target=self._flush_often, name="resillm-log", daemon=True)
+        thread.start()
+        atexit.register(self.close)
+
+    def flush(self) -> None:  # called by emit: defer unless the record was important
+        return None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        if record.levelno >= logging.WARNING:
+            self.flush_now()
+
+    def flush_now(self) -> None:
+        # stderr closed at exit: nothing left to do.
+        with self.lock, contextlib.suppress(OSError, ValueError):  # type: ignore[union-attr]
+            self.stream.flush()
+
+    def _flush_often(self) -> None:
+        while not self._stop.wait(self.FLUSH_S):
+            self.flush_now()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush_now()
+        super().close()
+
+
 def configure_logging(config: LoggingConfig) -> None:
     """Send resillm's records to stderr in the configured format (idempotent)."""
     root = logging.getLogger("resillm")
     for handler in list(root.handlers):
         if getattr(handler, "_resillm", False):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+            handler.close()
+    # The process is ours (the CLI calls this): skip what no resillm line prints — the
+    # caller's file and line (a stack walk per record), thread and process names.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    handler = BufferedStderrHandler()
     handler.setFormatter(JSONFormatter() if config.format == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
     handler._resillm = True  # type: ignore[attr-defined]

@@ -8,6 +8,8 @@ provider names, target ids, statuses, outcomes — never request ids or raw path
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
 from aioprometheus.renderer import render
 
@@ -24,6 +26,8 @@ LATENCY_BUCKETS_S = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
 NONE = "none"
+MAX_PENDING = 4096  # distinct label sets held before a flush, scraped or not
+Labels = tuple[tuple[str, str], ...]
 
 
 def attempt_outcome(error: UpstreamError | None) -> str:
@@ -47,6 +51,11 @@ class Metrics:
     """Every collector the gateway exports. Owned by the gateway, so it survives reloads."""
 
     def __init__(self) -> None:
+        # Counter increments wait here (plain dict arithmetic) until a scrape flushes them
+        # into aioprometheus, whose own ``inc`` checks and JSON-encodes labels every time.
+        self._pending: dict[tuple[str, Labels], float] = {}
+        self._counters: dict[str, Counter] = {}
+        self._render_hooks: list[Callable[[], None]] = [self.flush]
         self.registry = registry = Registry()
         self.requests = Counter(
             "resillm_requests_total", "Client requests by alias, provider and status.",
@@ -114,7 +123,28 @@ class Metrics:
         )  # fmt: skip
         self.inflight.set({}, 0)
 
+    def count(self, counter: Counter, labels: Labels, amount: float = 1.0) -> None:
+        """Add to ``counter`` cheaply; visible at the next scrape (or ``flush``)."""
+        self._counters.setdefault(counter.name, counter)
+        key = (counter.name, labels)
+        pending = self._pending
+        pending[key] = pending.get(key, 0.0) + amount
+        if len(pending) > MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for (name, labels), amount in pending.items():
+            self._counters[name].add(dict(labels), amount)
+
+    def on_render(self, hook: Callable[[], None]) -> None:
+        """``hook`` brings its gauges up to date just before each scrape, so a figure that
+        changes on every request is not pushed into the registry on every request."""
+        self._render_hooks.append(hook)
+
     def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
+        for hook in self._render_hooks:
+            hook()
         content, headers = render(self.registry, accept)
         return content, dict(headers)
 

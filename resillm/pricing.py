@@ -16,6 +16,7 @@ budget arithmetic is exact integer arithmetic everywhere, Redis included.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Mapping
@@ -119,8 +120,10 @@ def normalise_model(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=1024)
 def builtin_price(model: str) -> Price | None:
-    """The built-in price of ``model`` (longest matching family), or ``None``."""
+    """The built-in price of ``model`` (longest matching family), or ``None``; looked up
+    once per model name, not once per request."""
     name = normalise_model(model)
     best: str | None = None
     for key in BUILTIN_PRICES:

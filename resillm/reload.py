@@ -33,13 +33,23 @@ def file_digest(path: str | os.PathLike[str]) -> bytes | None:
 
 
 class _Forward(FileSystemEventHandler):
-    def __init__(self, poke: Callable[[], None]) -> None:
+    """Passes on only events that can change the config: on the file's own name (written
+    in place, or renamed over) and on Kubernetes' ``..data`` / ``..TIMESTAMP`` entries.
+    Everything else in the directory (a log file next to the config, say) is ignored, so
+    a busy neighbour costs the gateway nothing."""
+
+    def __init__(self, name: str, poke: Callable[[], None]) -> None:
+        self._name = name
         self._poke = poke
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return  # reads, including our own
-        self._poke()
+        for path in (event.src_path, getattr(event, "dest_path", "")):
+            name = os.path.basename(os.fsdecode(path))
+            if name == self._name or name.startswith(".."):
+                self._poke()
+                return
 
 
 class ConfigWatcher:
@@ -65,7 +75,8 @@ class ConfigWatcher:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         observer = Observer()
-        observer.schedule(_Forward(self._poke), os.path.dirname(self.path), recursive=False)
+        handler = _Forward(os.path.basename(self.path), self._poke)
+        observer.schedule(handler, os.path.dirname(self.path), recursive=False)
         observer.daemon = True
         observer.start()
         self._observer = observer

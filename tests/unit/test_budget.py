@@ -240,6 +240,8 @@ async def test_the_spend_gauge_follows_the_global_windows() -> None:
     metrics = Metrics()
     budget = tracker(config(hourly_limit=1.0), FakeClock("2026-01-01T13:10:00"), metrics=metrics)
     await spend(budget, 2 * CENT)
+    text = metrics.render([])[0].decode()  # a scrape brings the gauge up to date
+    assert 'resillm_budget_spent_usd{window="hour"} 0.02' in text
     assert metrics.budget_spent.get({"window": "hour"}) == 0.02
     assert metrics.budget_spent.get({"window": "day"}) == 0.02
 
@@ -361,7 +363,7 @@ class DownStore:
 async def test_store_down_fail_closed_rejects_with_503() -> None:
     metrics = Metrics()
     budget = tracker(
-        config(store="memory", redis_failure="closed"),
+        config(store="memory", redis_failure="closed", hourly_limit=1.0),
         FakeClock("2026-01-01T13:10:00"),
         metrics=metrics,
         store=DownStore(),
@@ -372,6 +374,17 @@ async def test_store_down_fail_closed_rejects_with_503() -> None:
     with pytest.raises(BudgetUnavailable):
         await budget.status(None)
     assert metrics.budget_store_errors.get({"operation": "reserve", "policy": "closed"}) == 1
+
+
+async def test_with_no_limit_anywhere_admission_needs_no_store() -> None:
+    # Nothing is enforced, so an unreachable store blocks nothing (and costs no round trip).
+    budget = tracker(
+        config(store="memory", redis_failure="closed"),
+        FakeClock("2026-01-01T13:10:00"),
+        store=DownStore(),
+    )
+    admission = await budget.admit(None, CENT)
+    assert admission.amount == 0 and admission.over == ()
 
 
 async def test_store_down_fail_open_admits_loudly(caplog: pytest.LogCaptureFixture) -> None:

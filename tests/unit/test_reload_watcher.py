@@ -115,3 +115,28 @@ async def test_a_burst_of_writes_is_one_reload_of_the_last_content(tmp_path: Pat
         assert calls.contents == ["a: 5\n"]
     finally:
         await watcher.stop()
+
+
+async def test_a_busy_neighbour_file_never_wakes_the_watcher(tmp_path: Path) -> None:
+    path = tmp_path / "resillm.yaml"
+    path.write_text("a: 1\n")
+    calls = Calls()
+    watcher = await watching(path, calls)
+    armed = 0
+    original = watcher._arm
+
+    def counting_arm() -> None:
+        nonlocal armed
+        armed += 1
+        original()
+
+    watcher._arm = counting_arm  # type: ignore[method-assign]
+    try:
+        with (tmp_path / "gateway.log").open("a") as log:
+            for n in range(50):  # a log file written next to the config
+                log.write(f"line {n}\n")
+                log.flush()
+        await asyncio.sleep(0.3)
+        assert armed == 0
+    finally:
+        await watcher.stop()
