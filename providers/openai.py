@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -19,8 +19,9 @@ import msgspec
 from providers.base import Chunk, ChunkStream, Completion, UpstreamCall
 from providers.http import status_error, upstream_errors
 from providers.sse import SSEDecoder
+from providers.stream import UpstreamChunkStream
 from resillm.config import AzureProviderConfig, OpenAICompatibleProviderConfig, OpenAIProviderConfig
-from resillm.errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError
+from resillm.errors import UpstreamProtocolError, UpstreamStatusError
 from resillm.schema import CompletionView, json_encoder, view_decoder
 from resillm.tracecontext import with_trace_headers
 
@@ -146,76 +147,52 @@ class OpenAIUpstream:
         return OpenAIChunkStream(self, response, call, limit.release)
 
 
-class OpenAIChunkStream:
-    """Reads an OpenAI SSE answer into chunks; raises when it ends without a finish reason."""
+class OpenAIChunkStream(UpstreamChunkStream):
+    """An OpenAI SSE answer: payloads forwarded as they are, read through a light view."""
 
     def __init__(
         self,
         upstream: OpenAIUpstream,
         response: aiohttp.ClientResponse,
         call: UpstreamCall,
-        release: Any,
+        release: Callable[[], object],
     ) -> None:
-        self._upstream = upstream
-        self._response = response
-        self._idle_s = call.stream_idle_s
+        super().__init__(
+            response,
+            provider=upstream.provider,
+            model=upstream.model,
+            idle_s=call.stream_idle_s,
+            release=release,
+        )
         self._client_wants_usage = call.include_usage
-        self._release = release
         self._decoder = SSEDecoder()
-        self._pending: deque[Chunk] = deque()
-        self._finished = False
-        self._ended = False
-        self._started = False
-        self._closed = False
-        self._failure: UpstreamError | None = None
-        self.malformed = 0
 
-    def __aiter__(self) -> OpenAIChunkStream:
-        return self
-
-    async def __anext__(self) -> Chunk:
-        while not self._pending:
-            if self._ended:
-                if self._failure is not None:
-                    raise self._failure
-                raise StopAsyncIteration
-            await self._read()
-        return self._pending.popleft()
-
-    async def _read(self) -> None:
-        upstream = self._upstream
-        with upstream_errors(upstream.provider, upstream.model):
-            async with asyncio.timeout(self._idle_s if self._started else None):
-                data = await self._response.content.readany()
-        events = self._decoder.feed(data) if data else self._decoder.flush()
-        for event in events:
+    def consume(self, data: bytes) -> None:
+        for event in self._decoder.feed(data) if data else self._decoder.flush():
             self._on_data(event.data)
-            if self._ended:
+            if self.ended:
                 return
-        if not data:
-            self._end()
 
     def _on_data(self, data: bytes) -> None:
         if not data:
             return
         if data == _DONE:
-            self._end()
+            self.end()
             return
         try:
             view: CompletionView = view_decoder.decode(data)
         except msgspec.DecodeError:
             # A malformed event mid-stream is skipped; the stream goes on (SPEC section 4).
             self.malformed += 1
-            upstream = self._upstream
             logger.warning(
                 "skipped a malformed stream event from %s/%s: %r",
-                upstream.provider,
-                upstream.model,
+                self.provider,
+                self.model,
                 data[:200],
             )
             return
         if view.error is not None:
-            self._fail(_stream_error(self._upstream, view.error))
+            self.fail(_stream_error(self.provider, self.model, view.error))
             return
         finish, text, tool_call = None, "", False
         for choice in view.choices:
@@ -224,57 +201,21 @@ class OpenAIChunkStream:
             if delta is not None and choice.index == 0:
                 text = delta.content or ""
                 tool_call = delta.tool_calls is not None
-        if finish:
-            self._finished = True
         forward = bool(view.choices) or view.usage is None or self._client_wants_usage
-        chunk = Chunk(
-            data,
-            model=view.model,
-            finish_reason=finish,
-            usage=view.usage,
-            forward=forward,
-            text=text,
-            tool_call=tool_call,
-        )
-        self._started = self._started or chunk.substantial
-        self._pending.append(chunk)
-
-    def _end(self) -> None:
-        if not self._finished:
-            upstream = self._upstream
-            self._fail(
-                UpstreamProtocolError(
-                    f"{upstream.provider}/{upstream.model}: stream ended without a finish reason",
-                    provider=upstream.provider,
-                    model=upstream.model,
-                )
+        self.push(
+            Chunk(
+                data,
+                model=view.model,
+                finish_reason=finish,
+                usage=view.usage,
+                forward=forward,
+                text=text,
+                tool_call=tool_call,
             )
-            return
-        self._ended = True
-        self._close_response(reuse=True)
-
-    def _fail(self, error: UpstreamError) -> None:
-        """Deliver what came before the failure, then raise it."""
-        self._ended = True
-        self._failure = error
-        self._close_response(reuse=False)
-
-    def _close_response(self, *, reuse: bool) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if reuse:
-            self._response.release()
-        else:
-            self._response.close()
-        self._release()
-
-    async def aclose(self) -> None:
-        # Before the end, the connection is mid-answer and cannot be reused: close it.
-        self._close_response(reuse=self._ended and self._failure is None)
+        )
 
 
-def _stream_error(upstream: OpenAIUpstream, error: Any) -> UpstreamStatusError:
+def _stream_error(provider: str, model: str, error: Any) -> UpstreamStatusError:
     detail = error if isinstance(error, dict) else {}
     message = str(detail.get("message") or error or "upstream stream error")
     error_type = detail.get("type")
@@ -282,6 +223,6 @@ def _stream_error(upstream: OpenAIUpstream, error: Any) -> UpstreamStatusError:
         502,
         message,
         error_type=str(error_type) if error_type else None,
-        provider=upstream.provider,
-        model=upstream.model,
+        provider=provider,
+        model=model,
     )

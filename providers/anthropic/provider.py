@@ -8,7 +8,6 @@ the provider's connection cap, with failures mapped by ``upstream_errors``.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 
 import aiohttp
@@ -17,11 +16,12 @@ from providers.anthropic.request import AnthropicRequest, to_anthropic
 from providers.anthropic.response import from_anthropic, with_context_code
 from providers.anthropic.stream import StreamTranslator
 from providers.anthropic.wire import request_encoder
-from providers.base import Chunk, ChunkStream, Completion, UpstreamCall
+from providers.base import ChunkStream, Completion, UpstreamCall
 from providers.http import status_error, upstream_errors
 from providers.sse import SSEDecoder
+from providers.stream import UpstreamChunkStream
 from resillm.config import AnthropicProviderConfig
-from resillm.errors import UpstreamError, UpstreamStatusError
+from resillm.errors import UpstreamStatusError
 from resillm.tracecontext import with_trace_headers
 
 MESSAGES_PATH = "/v1/messages"
@@ -146,9 +146,8 @@ class AnthropicUpstream:
         return AnthropicChunkStream(self, response, translator, call.stream_idle_s, limit.release)
 
 
-class AnthropicChunkStream:
-    """Reads an Anthropic SSE answer through a ``StreamTranslator``; what came before a
-    failure is delivered first, then the failure is raised."""
+class AnthropicChunkStream(UpstreamChunkStream):
+    """An Anthropic SSE answer read through a ``StreamTranslator``."""
 
     def __init__(
         self,
@@ -158,64 +157,25 @@ class AnthropicChunkStream:
         idle_s: float | None,
         release: Callable[[], None],
     ) -> None:
-        self._upstream = upstream
-        self._response = response
+        super().__init__(
+            response,
+            provider=upstream.provider,
+            model=upstream.model,
+            idle_s=idle_s,
+            release=release,
+        )
         self.translator = translator
-        self._idle_s = idle_s
-        self._release = release
         self._decoder = SSEDecoder()
-        self._pending: deque[Chunk] = deque()
-        self._started = False
-        self._ended = False
-        self._closed = False
-        self._failure: UpstreamError | None = None
 
-    def __aiter__(self) -> AnthropicChunkStream:
-        return self
-
-    async def __anext__(self) -> Chunk:
-        while not self._pending:
-            if self._ended:
-                if self._failure is not None:
-                    raise self._failure
-                raise StopAsyncIteration
-            await self._read()
-        return self._pending.popleft()
-
-    async def _read(self) -> None:
-        upstream = self._upstream
-        with upstream_errors(upstream.provider, upstream.model):
-            # The idle limit applies between chunks; the first is the router's to time.
-            async with asyncio.timeout(self._idle_s if self._started else None):
-                data = await self._response.content.readany()
-        events = self._decoder.feed(data) if data else self._decoder.flush()
-        try:
-            for event in events:
-                self._pending.extend(self.translator.feed(event))
-                if self.translator.stopped:
-                    break
-            self._started = self._started or any(c.substantial for c in self._pending)
-            if self.translator.stopped or not data:
-                self.translator.check_complete()
-                self._end(failure=None)
-        except UpstreamError as exc:
-            self._end(failure=exc)
-
-    def _end(self, failure: UpstreamError | None) -> None:
-        self._ended = True
-        self._failure = failure
-        self._close_response(reuse=failure is None)
-
-    def _close_response(self, *, reuse: bool) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if reuse:
-            self._response.release()
-        else:
-            self._response.close()
-        self._release()
-
-    async def aclose(self) -> None:
-        # Before the end the connection is mid-answer and cannot be reused: close it.
-        self._close_response(reuse=self._ended and self._failure is None)
+    def consume(self, data: bytes) -> None:
+        translator = self.translator
+        for event in self._decoder.feed(data) if data else self._decoder.flush():
+            for chunk in translator.feed(event):
+                self.push(chunk)
+            if translator.stopped:
+                break
+        self.malformed = translator.malformed
+        if translator.stopped or not data:
+            translator.check_complete()  # raises when the answer is not whole
+            self.finished = True
+            self.end()

@@ -21,10 +21,8 @@ A frame with ``:message-type`` ``exception`` (throttlingException, modelStreamEr
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -47,8 +45,7 @@ from providers.bedrock.wire import (
     MessageStopEvent,
     MetadataEvent,
 )
-from providers.http import upstream_errors
-from resillm.errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from providers.stream import UpstreamChunkStream
 from resillm.schema import (
     ChatCompletionChunk,
     ChunkChoice,
@@ -192,9 +189,11 @@ class StreamTranslator:
         )
 
 
-class BedrockChunkStream:
-    """Reads a ConverseStream answer into chunks; ends after the usage (or after the stop
-    and the end of the body), otherwise raises an ``UpstreamError``."""
+class BedrockChunkStream(UpstreamChunkStream):
+    """A ConverseStream answer: AWS event-stream frames decoded with botocore, one event a
+    frame; it ends after the usage (or after the stop and the end of the body)."""
+
+    ENDED_UNFINISHED = "stream ended without a stop reason"
 
     def __init__(
         self,
@@ -207,55 +206,28 @@ class BedrockChunkStream:
         release: Callable[[], Any],
         secret: str | None = None,
     ) -> None:
-        self.provider = provider
-        self.model = model
-        self._response = response
-        self._idle_s = call.stream_idle_s
+        super().__init__(
+            response, provider=provider, model=model, idle_s=call.stream_idle_s, release=release
+        )
         self._translator = translator
-        self._release = release
         self._secret = secret
         self._buffer = EventStreamBuffer()
-        self._pending: deque[Chunk] = deque()
-        self._started = False
-        self._ended = False
-        self._closed = False
-        self._failure: UpstreamError | None = None
-        self.malformed = 0
 
-    def __aiter__(self) -> BedrockChunkStream:
-        return self
+    def end(self, *, reuse: bool = True) -> None:
+        # Reuse the connection only after the last frame (metadata) was read.
+        super().end(reuse=reuse and self._translator.complete)
 
-    async def __anext__(self) -> Chunk:
-        while not self._pending:
-            if self._ended:
-                if self._failure is not None:
-                    raise self._failure
-                raise StopAsyncIteration
-            await self._read()
-        return self._pending.popleft()
-
-    async def _read(self) -> None:
-        try:
-            with upstream_errors(self.provider, self.model):
-                async with asyncio.timeout(self._idle_s if self._started else None):
-                    data = await self._response.content.readany()
-        except UpstreamError as exc:
-            if isinstance(exc, UpstreamTimeout) and self._translator.finish_reason is not None:
-                self._end()  # only the usage is missing: the answer itself is whole
-            else:
-                self._fail(exc)
-            return
+    def consume(self, data: bytes) -> None:
         if not data:
-            self._end()
-            return
+            return  # the base class ends the stream: whole if the stop went by
         self._buffer.add_data(data)
         try:
             for message in self._buffer:
                 self._on_message(message)
-                if self._ended:
+                if self.ended:
                     return
         except ParserError as exc:
-            self._fail(self._protocol_error(f"unreadable event-stream frame: {exc}"))
+            self.fail(self.protocol_error(f"unreadable event-stream frame: {exc}"))
 
     def _on_message(self, message: EventStreamMessage) -> None:
         # botocore-stubs types these headers as an int; they are a dict of name to value.
@@ -266,7 +238,7 @@ class BedrockChunkStream:
             return
         if kind == "error":
             code = headers.get(":error-code")
-            self._fail(
+            self.fail(
                 bedrock_error(
                     502,
                     str(code) if code else None,
@@ -292,48 +264,15 @@ class BedrockChunkStream:
             )
             return
         if chunk is not None:
-            self._started = self._started or chunk.substantial
-            self._pending.append(chunk)
+            self.push(chunk)
         if self._translator.complete:
-            self._end()
+            self.end()
 
     def _fail_with(self, exception_type: Any, payload: bytes) -> None:
         text, body_type = error_message(payload)
         name = error_type_of({}, str(exception_type) if exception_type else body_type)
-        self._fail(
+        self.fail(
             bedrock_error(
                 502, name, text, provider=self.provider, model=self.model, secret=self._secret
             )
         )
-
-    def _protocol_error(self, message: str) -> UpstreamProtocolError:
-        return UpstreamProtocolError(
-            f"{self.provider}/{self.model}: {message}", provider=self.provider, model=self.model
-        )
-
-    def _end(self) -> None:
-        if self._translator.finish_reason is None:
-            self._fail(self._protocol_error("stream ended without a stop reason"))
-            return
-        self._ended = True
-        self._close_response(reuse=self._translator.complete)
-
-    def _fail(self, error: UpstreamError) -> None:
-        """Deliver what came before the failure, then raise it."""
-        self._ended = True
-        self._failure = error
-        self._close_response(reuse=False)
-
-    def _close_response(self, *, reuse: bool) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if reuse:
-            self._response.release()
-        else:
-            self._response.close()
-        self._release()
-
-    async def aclose(self) -> None:
-        # Before the end, the connection is mid-answer and cannot be reused: close it.
-        self._close_response(reuse=self._ended and self._failure is None)

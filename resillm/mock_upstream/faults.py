@@ -20,6 +20,7 @@ A gateway test configures a provider with extra `headers` to make one target mis
 | `x-mock-error-event-after: N` | N content chunks, then an in-stream error event, then the end |
 | `x-mock-no-finish: 1` | a clean end (with `[DONE]`) but no finish reason |
 | `x-mock-omit-done: 1` | the finish reason (and usage) but no `[DONE]`, then a clean end |
+| `x-mock-reject-prefill: 1` | 400 when the conversation ends with an assistant message |
 | `x-mock-fault: NAME[,NAME...]` | named scenarios, below |
 
 With `fail-first` or `down-for`, the status is `fail-status` (503 unless given) and the
@@ -42,6 +43,7 @@ behaves like `x-mock-fault: cut-3`. Each name stands for the headers beside it:
 | `error-event-N` | `error-event-after: N` |
 | `no-finish` | `no-finish: 1` |
 | `omit-done` | `omit-done: 1` |
+| `reject-prefill` | `reject-prefill: 1` |
 | `context-length` | `fail-status: 400`, `fail-code: context_length_exceeded` |
 | `content-policy` | `fail-status: 400`, `fail-code: content_policy_violation` |
 | `down-Ns`, `down-Nms` | `down-for: N` seconds (or milliseconds) |
@@ -99,6 +101,7 @@ class Faults:
     error_event_after: int | None
     no_finish: bool
     omit_done: bool
+    reject_prefill: bool
 
 
 Clock = Callable[[], float]
@@ -134,6 +137,7 @@ class FaultInjector:
             error_event_after=h.get("error-event-after", _non_negative_int, opts.error_event_after),
             no_finish=h.get("no-finish", _flag, opts.no_finish),
             omit_done=h.get("omit-done", _flag, opts.omit_done),
+            reject_prefill=h.get("reject-prefill", _flag, opts.reject_prefill),
         )
 
     def _fail_status(self, h: _HeaderReader) -> int | None:
@@ -189,6 +193,7 @@ _NAMED: list[tuple[re.Pattern[str], Callable[[re.Match[str]], dict[str, str]]]] 
     (re.compile(r"error-event-(\d+)"), lambda m: {"error-event-after": m[1]}),
     (re.compile(r"no-finish"), lambda _m: {"no-finish": "1"}),
     (re.compile(r"omit-done"), lambda _m: {"omit-done": "1"}),
+    (re.compile(r"reject-prefill"), lambda _m: {"reject-prefill": "1"}),
     (
         re.compile(r"context-length"),
         lambda _m: {"fail-status": "400", "fail-code": "context_length_exceeded"},
@@ -202,8 +207,8 @@ _NAMED: list[tuple[re.Pattern[str], Callable[[re.Match[str]], dict[str, str]]]] 
 ]
 FAULT_NAMES = (
     "fail-first-N, NNN (a 4xx/5xx status), hang, reset, slow-first-byte, cut-N, stall-N, "
-    "malformed-N, error-event-N, no-finish, omit-done, context-length, content-policy, "
-    "down-Ns, down-Nms"
+    "malformed-N, error-event-N, no-finish, omit-done, reject-prefill, context-length, "
+    "content-policy, down-Ns, down-Nms"
 )
 
 

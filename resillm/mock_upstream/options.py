@@ -31,6 +31,7 @@ class MockUpstreamOptions:
     error_event_after: int | None = None
     no_finish: bool = False
     omit_done: bool = False
+    reject_prefill: bool = False
     hang: bool = False
     reset: bool = False
     down_for: float | None = None

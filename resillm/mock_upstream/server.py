@@ -173,6 +173,14 @@ async def _answer(request: web.Request, api: _Api, state: _State) -> web.StreamR
         if faults.retry_after is not None:
             response.headers["retry-after"] = f"{faults.retry_after:g}"
         return response
+    if faults.reject_prefill and prompt.prefill is not None:
+        state.stats.failed += 1
+        return _error(
+            api,
+            400,
+            "This model does not support assistant message prefill. "
+            "The conversation must end with a user message.",
+        )
     answer = compose_answer(prompt, faults.chunks)
     if prompt.stream:
         return await _stream(request, api.stream(prompt, answer), answer, faults)

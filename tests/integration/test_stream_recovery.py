@@ -160,3 +160,20 @@ async def test_usage_of_a_recovered_stream_sums_every_upstream_call(
     assert usage.prompt_tokens == continuation.prompt_tokens + cut_prompt
     assert usage.completion_tokens == continuation.completion_tokens + cut_completion
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+async def test_a_target_refusing_the_prefill_leads_to_a_restart_the_client_never_sees(
+    upstream: MockUpstream,
+) -> None:
+    expected, _ = await full_answer(upstream)
+    # Both claim prefill; the one asked to continue refuses it with a 400.
+    config = two_targets(upstream, {"x-mock-cut-after": "3"}, prefill=True)
+    config["providers"]["good"]["headers"] = {"x-mock-reject-prefill": "1"}
+    async with run_gateway(config) as gw:
+        text, chunks = await sdk_stream(gw.url)
+        events = await raw_stream(gw.url)
+    assert upstream.stats.failed == 1  # the continuation was refused, once
+    assert text == expected  # the restart path finished the answer
+    assert len({c.id for c in chunks}) == 1
+    assert not any("prefill" in e for e in events)  # the refusal never reached the client
+    assert events[-1] == "[DONE]"

@@ -1,0 +1,134 @@
+"""What every HTTP provider's stream shares: reading, timing, ending and releasing.
+
+A subclass only translates: :meth:`consume` turns the bytes of one read into chunks with
+:meth:`push` and says how the stream ends with :meth:`end` or :meth:`fail`. The base
+class queues the chunks, applies ``stream_idle_s`` between reads once the first token has
+arrived (the first one is the router's to time), delivers what came before a failure and
+then raises it, and gives the connection back for reuse only after a clean end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+import aiohttp
+
+from providers.base import Chunk
+from providers.http import upstream_errors
+from resillm.errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
+
+
+class UpstreamChunkStream:
+    # In the provider's own words, for the error a client may read.
+    ENDED_UNFINISHED = "stream ended without a finish reason"
+
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        *,
+        provider: str,
+        model: str,
+        idle_s: float | None,
+        release: Callable[[], object],
+    ) -> None:
+        self.provider = provider
+        self.model = model
+        self._response = response
+        self._idle_s = idle_s
+        self._release = release
+        self._pending: deque[Chunk] = deque()
+        self._started = False  # the first token went by: the idle limit applies
+        self.finished = False  # a finish reason went by: the answer is whole
+        self._ended = False
+        self._closed = False
+        self._failure: UpstreamError | None = None
+        self.malformed = 0  # events skipped as unreadable (counted in metrics)
+
+    # -- for subclasses ----------------------------------------------------------------------
+
+    def consume(self, data: bytes) -> None:
+        """Translate one read (``b""`` at the end of the body)."""
+        raise NotImplementedError
+
+    def push(self, chunk: Chunk) -> None:
+        self._started = self._started or chunk.substantial
+        self.finished = self.finished or chunk.finish_reason is not None
+        self._pending.append(chunk)
+
+    def end(self, *, reuse: bool = True) -> None:
+        """The upstream says it is done: complete if a finish reason went by. ``reuse``:
+        the connection is at a clean boundary and may serve another request."""
+        if not self.finished:
+            self.fail(self.protocol_error(self.ENDED_UNFINISHED))
+            return
+        self._ended = True
+        self._close_response(reuse=reuse)
+
+    def fail(self, error: UpstreamError) -> None:
+        """Deliver what came before the failure, then raise it."""
+        if self._ended:
+            return
+        self._ended = True
+        self._failure = error
+        self._close_response(reuse=False)
+
+    def protocol_error(self, message: str) -> UpstreamProtocolError:
+        return UpstreamProtocolError(
+            f"{self.provider}/{self.model}: {message}", provider=self.provider, model=self.model
+        )
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    # -- iteration -----------------------------------------------------------------------
+
+    def __aiter__(self) -> UpstreamChunkStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        while not self._pending:
+            if self._ended:
+                if self._failure is not None:
+                    raise self._failure
+                raise StopAsyncIteration
+            await self._read()
+        return self._pending.popleft()
+
+    async def _read(self) -> None:
+        try:
+            with upstream_errors(self.provider, self.model):
+                async with asyncio.timeout(self._idle_s if self._started else None):
+                    data = await self._response.content.readany()
+        except UpstreamError as exc:
+            if isinstance(exc, UpstreamTimeout) and self.finished:
+                # Silence after the finish reason: only usage or [DONE] is missing, and the
+                # answer itself is whole. End it rather than fail it.
+                self._ended = True
+                self._close_response(reuse=False)
+            else:
+                self.fail(exc)
+            return
+        try:
+            self.consume(data)
+        except UpstreamError as exc:
+            self.fail(exc)
+            return
+        if not data and not self._ended:
+            self.end()
+
+    def _close_response(self, *, reuse: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if reuse:
+            self._response.release()
+        else:
+            self._response.close()
+        self._release()
+
+    async def aclose(self) -> None:
+        # Before the end, the connection is mid-answer and cannot be reused: close it.
+        self._close_response(reuse=self._ended and self._failure is None)
