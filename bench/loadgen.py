@@ -1,58 +1,150 @@
-"""The load: throughput, one-at-a-time latency and streams, against one target."""
+"""The load: targets, distinct request bodies, throughput and one-at-a-time latency."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import aiohttp
 import msgspec
 
 THROUGHPUT_CONCURRENCY = 32
-STREAM_CONCURRENCY = 8
-PROMPT = [{"role": "user", "content": "Benchmark prompt: tell me something resilient."}]
 JSON_HEADERS = {"Content-Type": "application/json"}
+PROMPT = "Benchmark prompt {}: tell me something resilient."
+_PLACEHOLDER = "\x00serial\x00"
+_serials = itertools.count(1)
+
+
+def body(model: str, *, stream: bool = False, serial: str | None = None) -> bytes:
+    """A chat request whose user message is new every time (so a cache only ever misses)."""
+    content = PROMPT.format(serial if serial is not None else next(_serials))
+    messages = [{"role": "user", "content": content}]
+    return msgspec.json.encode({"model": model, "messages": messages, "stream": stream})
 
 
 @dataclass(frozen=True)
 class Target:
+    """Where requests go: the mock straight ("direct") or a gateway, and how to read its CPU."""
+
     name: str
     url: str
-    model: str
+    model: str  # the model (direct) or alias (gateway) of the ordinary phases
+    held_model: str  # the one of the held-streams phase, whose chunks the mock paces
+    held_headers: Mapping[str, str] = field(default_factory=dict)
+    cpu_seconds: Callable[[], float] | None = None
 
     def body(self, *, stream: bool = False) -> bytes:
-        return msgspec.json.encode({"model": self.model, "messages": PROMPT, "stream": stream})
+        return body(self.model, stream=stream)
 
 
 @dataclass
 class Figures:
-    rps: float = 0.0
+    """Every figure of one target; NaN (or 0 for counts) until its phase has run."""
+
+    rps: float = math.nan
+    requests: int = 0
     throughput_errors: int = 0
-    driver_cpu_share: float = 0.0
-    latency_p50_ms: float = 0.0
-    latency_p99_ms: float = 0.0
-    ttft_p50_ms: float = 0.0
-    ttft_p99_ms: float = 0.0
-    chunk_interval_us: float = 0.0
+    driver_cpu_share: float = math.nan
+    server_cpu_ms_per_request: float = math.nan  # the gateway's (or the mock's, direct)
+    server_cpu_share: float = math.nan  # of one CPU, during the throughput phase
+    latency_p50_ms: float = math.nan
+    latency_p99_ms: float = math.nan
+    latency_errors: int = 0
+    ttft_c1_p50_ms: float = math.nan
+    ttft_c1_p99_ms: float = math.nan
+    ttft_c8_p50_ms: float = math.nan
+    ttft_c8_p99_ms: float = math.nan
+    chunk_interval_us: float = math.nan
     stream_errors: int = 0
+    held_streams: int = 0
+    held_completed: int = 0
+    held_peak_open: int = 0  # the most open at one time, first content chunk to end
+    held_listen_overflows: int = 0  # SYNs dropped on full accept queues (whole machine)
+    held_ttft_p50_ms: float = math.nan
+    held_ttft_p99_ms: float = math.nan
+    held_gap_p50_ms: float = math.nan
+    held_gap_p99_ms: float = math.nan
+    held_gap_samples: int = 0
+    held_gap_p99_all_ms: float = math.nan  # the gaps before the last stream started too
+    held_seconds: float = math.nan
+    peak_rss_mb: float = math.nan
+    cache_hits: float = math.nan
+    cache_misses: float = math.nan
+    access_log_lines: int = 0
+    notes: list[str] = field(default_factory=list)  # what went wrong in a phase
 
 
 def percentile(values: list[float], share: float) -> float:
     """Nearest-rank percentile; `share` in (0, 1]."""
     if not values:
-        return float("nan")
+        return math.nan
     ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, round(share * len(ordered)) - 1))]
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(share * len(ordered)) - 1))]
+
+
+@dataclass
+class Samples:
+    """What the rounds of the phases gathered for one target, before it becomes Figures."""
+
+    ok: int = 0
+    errors: int = 0
+    wall: float = 0.0
+    server_cpu: float = 0.0
+    driver_cpu: float = 0.0
+    latency_ms: list[float] = field(default_factory=list)
+    latency_errors: int = 0
+    ttft_ms: dict[int, list[float]] = field(default_factory=lambda: {1: [], 8: []})
+    gaps_us: list[float] = field(default_factory=list)
+    stream_errors: int = 0
+
+    def into(self, figures: Figures) -> None:
+        requests = self.ok + self.errors
+        if self.wall > 0:
+            figures.rps = self.ok / self.wall
+            figures.requests = requests
+            figures.throughput_errors = self.errors
+            figures.driver_cpu_share = self.driver_cpu / self.wall
+            figures.server_cpu_share = self.server_cpu / self.wall
+        if requests:
+            figures.server_cpu_ms_per_request = self.server_cpu * 1000 / requests
+        figures.latency_p50_ms = percentile(self.latency_ms, 0.50)
+        figures.latency_p99_ms = percentile(self.latency_ms, 0.99)
+        figures.latency_errors = self.latency_errors
+        figures.ttft_c1_p50_ms = percentile(self.ttft_ms[1], 0.50)
+        figures.ttft_c1_p99_ms = percentile(self.ttft_ms[1], 0.99)
+        figures.ttft_c8_p50_ms = percentile(self.ttft_ms[8], 0.50)
+        figures.ttft_c8_p99_ms = percentile(self.ttft_ms[8], 0.99)
+        figures.chunk_interval_us = (
+            sum(self.gaps_us) / len(self.gaps_us) if self.gaps_us else math.nan
+        )
+        figures.stream_errors = self.stream_errors
+
+
+class CpuWindow:
+    """The target's server CPU time (utime + stime) and the wall time over a phase."""
+
+    def __init__(self, target: Target) -> None:
+        self._read = target.cpu_seconds
+        self._cpu = self._read() if self._read else math.nan
+        self._wall = time.monotonic()
+
+    def close(self) -> tuple[float, float]:
+        """CPU seconds (NaN without a reader) and wall seconds since the start."""
+        cpu = self._read() - self._cpu if self._read else math.nan
+        return cpu, time.monotonic() - self._wall
 
 
 async def throughput_aiohttp(
-    session: aiohttp.ClientSession, target: Target, seconds: float, figures: Figures
+    session: aiohttp.ClientSession, target: Target, seconds: float, samples: Samples
 ) -> None:
-    body, loop = target.body(), asyncio.get_running_loop()
+    loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     ok = errors = 0
 
@@ -60,140 +152,87 @@ async def throughput_aiohttp(
         nonlocal ok, errors
         while loop.time() < deadline:
             try:
-                async with session.post(target.url, data=body, headers=JSON_HEADERS) as response:
+                async with session.post(
+                    target.url, data=target.body(), headers=JSON_HEADERS
+                ) as response:
                     await response.read()
                     ok, errors = (ok + 1, errors) if response.status == 200 else (ok, errors + 1)
-            except aiohttp.ClientError:
+            except (TimeoutError, aiohttp.ClientError):
                 errors += 1
 
-    cpu_start, wall_start = time.process_time(), time.monotonic()
+    window, driver_start = CpuWindow(target), time.process_time()
     await asyncio.gather(*(worker() for _ in range(THROUGHPUT_CONCURRENCY)))
-    wall = time.monotonic() - wall_start
-    figures.rps = ok / wall
-    figures.throughput_errors = errors
-    figures.driver_cpu_share = (time.process_time() - cpu_start) / wall
+    cpu, wall = window.close()
+    samples.ok, samples.errors = samples.ok + ok, samples.errors + errors
+    samples.wall += wall
+    samples.server_cpu += cpu
+    samples.driver_cpu += time.process_time() - driver_start
 
 
-async def throughput_wrk(target: Target, seconds: float, figures: Figures) -> None:
+def wrk_script(target: Target) -> str:
+    """A wrk script that sends the target's request with a new user message every time."""
+    template = body(target.model, serial=_PLACEHOLDER).decode()
+    prefix, suffix = template.split(msgspec.json.encode(_PLACEHOLDER).decode()[1:-1])
+    tag = f"wrk{next(_serials)}-"  # apart from every other phase's serials
+    return (
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f"local prefix = [==[{prefix}{tag}]==]\n"
+        f"local suffix = [==[{suffix}]==]\n"
+        "local n = 0\n"
+        "request = function()\n"
+        "  n = n + 1\n"
+        "  return wrk.format(nil, nil, nil, prefix .. n .. suffix)\n"
+        "end\n"
+    )
+
+
+_WRK_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+async def throughput_wrk(target: Target, seconds: int, samples: Samples) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(
-            'wrk.method = "POST"\n'
-            'wrk.headers["Content-Type"] = "application/json"\n'
-            f"wrk.body = [[{target.body().decode()}]]\n"
-        )
+        script.write(wrk_script(target))
     try:
+        window = CpuWindow(target)
         process = await asyncio.create_subprocess_exec(
-            *("wrk", "-t1", f"-c{THROUGHPUT_CONCURRENCY}", f"-d{max(1, round(seconds))}s"),
+            # One thread: one Lua state, so the serials never repeat.
+            *("wrk", "-t1", f"-c{THROUGHPUT_CONCURRENCY}", f"-d{seconds}s"),
             *("-s", script.name, target.url),
             stdout=asyncio.subprocess.PIPE,
         )
         output = (await process.communicate())[0].decode()
+        cpu, _ = window.close()
     finally:
         os.unlink(script.name)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    total = re.search(r"(\d+) requests in", output)
-    if rps is None or total is None:
+    total = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)\b", output)
+    if total is None:
         raise RuntimeError(f"could not read wrk's output:\n{output}")
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     socket_errors = re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
     )
-    non_ok = int(bad.group(1)) if bad else 0
-    figures.rps = float(rps.group(1)) * (1 - non_ok / max(1, int(total.group(1))))
-    figures.throughput_errors = non_ok + (
-        sum(map(int, socket_errors.groups())) if socket_errors else 0
-    )
-    figures.driver_cpu_share = float("nan")
+    requests, non_ok = int(total.group(1)), int(bad.group(1)) if bad else 0
+    samples.ok += requests - non_ok
+    samples.errors += non_ok + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
+    samples.wall += float(total.group(2)) * _WRK_UNITS[total.group(3)]
+    samples.server_cpu += cpu
+    samples.driver_cpu = math.nan  # wrk's, not measured
 
 
 async def latency(
-    session: aiohttp.ClientSession, target: Target, count: int, figures: Figures
+    session: aiohttp.ClientSession, target: Target, count: int, samples: Samples
 ) -> None:
-    body, samples = target.body(), []
     for _ in range(count):
+        data = target.body()
         start = time.perf_counter()
-        async with session.post(target.url, data=body, headers=JSON_HEADERS) as response:
-            await response.read()
-            if response.status != 200:
-                raise RuntimeError(f"{target.name}: status {response.status} in the latency phase")
-        samples.append((time.perf_counter() - start) * 1000)
-    figures.latency_p50_ms = percentile(samples, 0.50)
-    figures.latency_p99_ms = percentile(samples, 0.99)
-
-
-class _Delta(msgspec.Struct):
-    content: str | None = None
-
-
-class _Choice(msgspec.Struct):
-    delta: _Delta
-
-
-class _Chunk(msgspec.Struct):
-    choices: list[_Choice] = []
-
-
-_decode_chunk = msgspec.json.Decoder(_Chunk).decode
-
-
-def content_events(events: list[bytes]) -> int:
-    """How many of these SSE events carry content (a gateway may frame them as it likes)."""
-    found = 0
-    for event in events:
-        for line in event.split(b"\n"):
-            if line.startswith(b"data: {"):
-                chunk = _decode_chunk(line[6:])
-                found += any(choice.delta.content for choice in chunk.choices)
-    return found
-
-
-async def one_stream(
-    session: aiohttp.ClientSession, target: Target, body: bytes
-) -> tuple[float, float]:
-    """Time to the first content chunk, and the mean gap between content chunks (seconds).
-
-    Reads whatever the socket has (not line by line) to keep the driver's own cost per
-    chunk small; chunks that arrive in one read share its arrival time.
-    """
-    start = time.perf_counter()
-    first = last = 0.0
-    count = 0
-    pending = b""
-    async with session.post(target.url, data=body, headers=JSON_HEADERS) as response:
-        if response.status != 200:
-            raise RuntimeError(f"status {response.status}")
-        async for data in response.content.iter_any():
-            arrived = time.perf_counter()
-            *events, pending = (pending + data).replace(b"\r\n", b"\n").split(b"\n\n")
-            if found := content_events(events):
-                first = first or arrived
-                last = arrived
-                count += found
-    if count < 2:
-        raise RuntimeError(f"only {count} content chunk(s)")
-    return first - start, (last - first) / (count - 1)
-
-
-async def streaming(
-    session: aiohttp.ClientSession, target: Target, count: int, figures: Figures
-) -> None:
-    body, left = target.body(stream=True), count
-    ttfts: list[float] = []
-    gaps: list[float] = []
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            try:
-                ttft, gap = await one_stream(session, target, body)
-            except (aiohttp.ClientError, RuntimeError, msgspec.DecodeError):
-                figures.stream_errors += 1
-                continue
-            ttfts.append(ttft * 1000)
-            gaps.append(gap * 1_000_000)
-
-    await asyncio.gather(*(worker() for _ in range(STREAM_CONCURRENCY)))
-    figures.ttft_p50_ms = percentile(ttfts, 0.50)
-    figures.ttft_p99_ms = percentile(ttfts, 0.99)
-    figures.chunk_interval_us = sum(gaps) / len(gaps) if gaps else float("nan")
+        try:
+            async with session.post(target.url, data=data, headers=JSON_HEADERS) as response:
+                await response.read()
+                ok = response.status == 200
+        except (TimeoutError, aiohttp.ClientError):
+            ok = False
+        if ok:
+            samples.latency_ms.append((time.perf_counter() - start) * 1000)
+        else:
+            samples.latency_errors += 1

@@ -24,6 +24,7 @@ from resillm.config_loader import ConfigError, load_config
 from resillm.log import configure_logging
 
 logger = logging.getLogger("resillm.server")
+LISTEN_BACKLOG = 2048
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def bind_listener(host: str, port: int) -> tuple[str, int]:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(True)
     bound_port = int(sock.getsockname()[1])
     return f"fd://{sock.detach()}", bound_port
@@ -78,6 +79,9 @@ def hypercorn_config(config: Config, bind: list[str]) -> Any:
     hyper.errorlog = logging.getLogger("resillm.hypercorn")
     hyper.keep_alive_timeout = 75.0  # longer than nginx's upstream keepalive default
     hyper.keep_alive_max_requests = 100_000
+    # hypercorn re-listens on the socket with its own backlog (100 by default): a burst of
+    # a thousand clients would overflow it and wait out SYN retries.
+    hyper.backlog = LISTEN_BACKLOG
     hyper.include_server_header = False
     hyper.h11_max_incomplete_size = 64 * 1024
     return hyper
