@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -32,15 +33,22 @@ from resillm.schema import json_decoder
 
 class AccessLogMiddleware:
     def __init__(
-        self, app: ASGIApp, *, config: LoggingConfig, secrets: frozenset[str] = frozenset()
+        self,
+        app: ASGIApp,
+        *,
+        config: LoggingConfig,
+        secrets: frozenset[str] = frozenset(),
+        recent: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.app = app
         self.config = config
         self.secrets = secrets  # client and upstream keys: never in a logged body
+        # Given every request's fields, logged or not (the admin page's recent requests).
+        self.recent = recent
         self.logger = logging.getLogger(ACCESS_LOGGER)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.config.log_requests:
+        if scope["type"] != "http" or (not self.config.log_requests and self.recent is None):
             await self.app(scope, receive, send)
             return
         status = 0
@@ -71,19 +79,32 @@ class AccessLogMiddleware:
             if ctx is not None:
                 ctx.status = ctx.status or status
                 ctx.error = ctx.error or error
-                self.log(scope, ctx, response)
+                logged = self.log(scope, ctx, response) if self.config.log_requests else None
+                if self.recent is not None:
+                    self.recent(logged or self.fields(scope, ctx, response))
 
-    def log(self, scope: Scope, ctx: RequestContext, response: list[bytes] | None = None) -> None:
+    def log(
+        self, scope: Scope, ctx: RequestContext, response: list[bytes] | None = None
+    ) -> dict[str, Any] | None:
+        """Log the request (unless sampled out); the fields logged, or None."""
         failed = ctx.status >= 400 or ctx.error is not None
         if not failed and not self.sampled(ctx):
-            return
+            return None
         level = logging.WARNING if failed else logging.INFO
         if not self.logger.isEnabledFor(level):
-            return
+            return None
+        fields = self.fields(scope, ctx, response)
+        self.logger.log(level, "request", extra={"fields": fields})
+        return fields
+
+    def fields(
+        self, scope: Scope, ctx: RequestContext, response: list[bytes] | None
+    ) -> dict[str, Any]:
+        """The access-log fields; the bodies (redacted) too with ``log_responses``."""
         fields = access_fields(scope, ctx)
         if self.config.log_responses:
             fields.update(self.bodies(ctx, response))
-        self.logger.log(level, "request", extra={"fields": fields})
+        return fields
 
     def sampled(self, ctx: RequestContext) -> bool:
         """A success is kept at ``sample_rate``, and always when it was slow."""

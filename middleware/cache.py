@@ -236,7 +236,7 @@ class CacheMiddleware:
             await send({"type": "http.response.body", "body": event, "more_body": position < last})
 
     def count(self, result: str) -> None:
-        self.metrics.cache_requests.inc({"result": result})
+        self.metrics.count(self.metrics.cache_requests, (("result", result),))
 
 
 def _disconnected(listener: asyncio.Future[Message]) -> bool:

@@ -13,6 +13,7 @@ from resillm.config import Config
 from resillm.config_loader import ConfigError, default_config_path, load_config
 from resillm.durations import parse_duration
 from resillm.pricing import builtin_price
+from resillm.workers import per_worker_problems
 
 
 def _duration(text: str) -> float:
@@ -97,7 +98,15 @@ def check(path: str) -> int:
             print(issue, file=sys.stderr)
         print(f"{len(exc.issues)} error(s) in {path}", file=sys.stderr)
         return 1
+    problems = per_worker_problems(config, config.server.workers)
+    for error in problems.errors:
+        print(f"{path}: server.workers: {error}", file=sys.stderr)
+    if problems.errors:
+        print(f"{len(problems.errors)} error(s) in {path}", file=sys.stderr)
+        return 1
     print(summary(path, config))
+    for warning in problems.warnings:
+        print(f"warning: {warning}")
     return 0
 
 

@@ -242,6 +242,11 @@ class TracingConfig(_Section, frozen=True):
     sample_rate: Probability = 1.0  # share of new traces kept; a client's sampled flag wins
 
 
+class AdminConfig(_Section, frozen=True):
+    # Finished /v1 requests kept in memory (per worker) for the admin page; 0 keeps none.
+    recent_requests: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 200
+
+
 class Config(_Section, frozen=True):
     """The whole configuration."""
 
@@ -254,3 +259,4 @@ class Config(_Section, frozen=True):
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)

@@ -23,6 +23,7 @@ from ruamel.yaml.error import MarkedYAMLError
 
 from resillm.config import (
     PROVIDER_TYPES,
+    AdminConfig,
     AuthConfig,
     BudgetConfig,
     CacheConfig,
@@ -52,9 +53,10 @@ _SECTIONS: dict[str, type[Any]] = {
     "cache": CacheConfig,
     "logging": LoggingConfig,
     "tracing": TracingConfig,
+    "admin": AdminConfig,
 }
 _TOP_KEYS = ("providers", "models", *_SECTIONS)
-_NOT_YET = ("admin",)  # SPEC sections still being built
+_NOT_YET: tuple[str, ...] = ()  # SPEC sections still being built
 
 
 @dataclass(frozen=True)

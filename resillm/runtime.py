@@ -25,6 +25,7 @@ from middleware.request import CHAT_COMPLETIONS, RequestMiddleware
 from providers.base import Provider
 from providers.registry import build_provider
 from resillm.admin.api import AdminAPI
+from resillm.admin.state import AdminState
 from resillm.asgi import ASGIApp, Receive, Scope, Send, route_path, send_json
 from resillm.balance import StatsRegistry
 from resillm.budget import BudgetTracker
@@ -50,7 +51,17 @@ _HEALTH_BODY = b'{"status":"ok"}'
 class GatewayState:
     """What the gateway keeps across reloads, handed to each runtime it builds."""
 
-    __slots__ = ("budget", "cache", "circuits", "metrics", "reload", "session", "stats", "tracing")
+    __slots__ = (
+        "admin",
+        "budget",
+        "cache",
+        "circuits",
+        "metrics",
+        "reload",
+        "session",
+        "stats",
+        "tracing",
+    )
 
     def __init__(
         self,
@@ -63,7 +74,9 @@ class GatewayState:
         cache: ResponseCache,
         tracing: Tracing | None,
         reload: Callable[[], Awaitable[ReloadReport]],
+        admin: AdminState | None = None,
     ) -> None:
+        self.admin = admin or AdminState()  # the admin page's charts, recent requests, sessions
         self.session = session
         self.metrics = metrics
         self.circuits = circuits
@@ -109,8 +122,15 @@ class Runtime:
         self.circuits.configure(config.resilience.circuit_breaker)
         self.routes = build_routes(config, self.providers, self.circuits, self.stats)
         self.router = Router(self.routes, config.resilience, cost_of=self.expected_cost)
+        state.admin.recent.resize(config.admin.recent_requests)
         self.admin = AdminAPI(
-            config.auth.admin_key, lambda: self.routes, config=config, reload=state.reload
+            config.auth.admin_key,
+            lambda: self.routes,
+            config=config,
+            reload=state.reload,
+            state=state.admin,
+            budget=self.budget,
+            secrets=config_secrets(config),
         )
         self.v1 = self.v1_stack()
         self.ops = ErrorsMiddleware(self.ops_endpoints)
@@ -138,12 +158,23 @@ class Runtime:
 
     def v1_stack(self) -> ASGIApp:
         config, tracing = self.config, self.tracing
+        # The admin page's per-request feeds, only while it is on: one append, one record.
+        admin = self.state.admin if config.auth.admin_key else None
         traced = [partial(tracing.middleware, providers=config.providers)] if tracing else []
         layers: list[Callable[[ASGIApp], ASGIApp]] = [  # outermost first
             ErrorsMiddleware,
             *traced,  # the SERVER span, with tracing.enabled
-            partial(AccessLogMiddleware, config=config.logging, secrets=config_secrets(config)),
-            partial(MetricsMiddleware, metrics=self.metrics),
+            partial(
+                AccessLogMiddleware,
+                config=config.logging,
+                secrets=config_secrets(config),
+                recent=admin.recent.append if admin else None,  # the admin page's list
+            ),
+            partial(
+                MetricsMiddleware,
+                metrics=self.metrics,
+                observe=admin.series.record if admin else None,  # the admin page's charts
+            ),
             partial(RequestMiddleware, max_request_bytes=config.server.max_request_bytes),
             partial(AuthMiddleware, keys=config.auth.keys, aliases=self.routes.keys()),
             partial(
@@ -212,7 +243,7 @@ class Runtime:
                 }
             )
             await send({"type": "http.response.body", "body": content})
-        elif path.startswith("/admin/"):
+        elif path == "/admin" or path.startswith("/admin/"):
             await self.admin(scope, receive, send)
         else:
             raise NotFound(f"no such endpoint: {scope.get('method')} {path}")

@@ -2,8 +2,9 @@
 
 One worker runs in this process on uvloop when it is installed; SIGTERM and SIGINT stop
 accepting and let in-flight requests and streams finish (up to
-``server.graceful_timeout``), SIGHUP reloads the config. Several workers are hypercorn's
-processes sharing one socket, each building its gateway from ``$RESILLM_CONFIG``.
+``server.graceful_timeout``), SIGHUP reloads the config. Several workers are processes
+sharing one socket (:mod:`resillm.workers`), each building its gateway from
+``$RESILLM_CONFIG``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -97,6 +99,10 @@ def serve(options: ServeOptions) -> int:
     host = options.host or config.server.host
     port = config.server.port if options.port is None else options.port
     workers = options.workers or config.server.workers
+    from resillm.workers import workers_fit
+
+    if not workers_fit(config, workers):  # e.g. a memory budget store under several workers
+        return 1
     if options.server == "uvicorn":
         return _serve_uvicorn(options.config_path, config, host, port, workers)
     bind, bound_port = bind_listener(host, port)
@@ -115,7 +121,10 @@ def serve(options: ServeOptions) -> int:
 async def _serve_one(gateway: Gateway, hyper: Any) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
 
+    from resillm.workers import quiet_cancelled_connections
+
     loop = asyncio.get_running_loop()
+    quiet_cancelled_connections(loop)  # streams cut when graceful_timeout runs out
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
@@ -124,13 +133,13 @@ async def _serve_one(gateway: Gateway, hyper: Any) -> None:
 
 
 def _serve_hypercorn_workers(path: str, hyper: Any, workers: int) -> int:
-    from hypercorn.run import run
+    # Not hypercorn.run: see resillm.workers for why (streams cut at shutdown, SIGHUP).
+    from resillm.workers import Supervisor
 
     os.environ["RESILLM_CONFIG"] = os.path.abspath(path)
-    hyper.application_path = "resillm.server:worker_app()"
+    share_admin_sessions()
     hyper.workers = workers
-    hyper.worker_class = "uvloop" if has_uvloop() else "asyncio"
-    return int(run(hyper))
+    return Supervisor(hyper, workers, hyper.graceful_timeout).run()
 
 
 def _serve_uvicorn(path: str, config: Config, host: str, port: int, workers: int) -> int:
@@ -140,6 +149,7 @@ def _serve_uvicorn(path: str, config: Config, host: str, port: int, workers: int
         print("uvicorn is not installed: pip install 'resillm[uvicorn]'", file=sys.stderr)
         return 1
     os.environ["RESILLM_CONFIG"] = os.path.abspath(path)
+    share_admin_sessions()
     uvicorn.run(
         "resillm.server:worker_app",
         factory=True,
@@ -151,6 +161,14 @@ def _serve_uvicorn(path: str, config: Config, host: str, port: int, workers: int
         loop="uvloop" if has_uvloop() else "asyncio",
     )
     return 0
+
+
+def share_admin_sessions() -> None:
+    """Workers sign admin sessions with one secret, so a login holds whichever worker
+    answers (each would otherwise make its own and refuse the others' cookies)."""
+    from resillm.admin.state import SESSION_SECRET_ENV
+
+    os.environ.setdefault(SESSION_SECRET_ENV, secrets.token_urlsafe(32))
 
 
 def worker_app() -> Gateway:

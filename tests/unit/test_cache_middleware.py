@@ -129,6 +129,7 @@ class Harness:
         return RequestContext.of(scope), send
 
     def counted(self, result: str) -> float:
+        self.metrics.flush()  # what a scrape would show
         try:
             return float(self.metrics.cache_requests.get({"result": result}))
         except KeyError:
