@@ -107,3 +107,31 @@ async def test_the_chosen_target_failing_falls_back_in_strategy_order(
     # Every request is answered: when round robin starts at `a`, it falls back to `b`.
     assert answered == ["b", "b", "b", "b"]
     assert upstream.stats.by_model["ma"] == 2  # `a` was first for every other request
+
+
+async def test_least_latency_comes_back_when_the_slow_one_recovers(
+    upstream: MockUpstream, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import resillm.balance
+    from resillm import create_app
+    from tests.conftest import serve_asgi
+    from tests.integration.test_reload import write
+
+    monkeypatch.setattr(resillm.balance, "STALE_AFTER_S", 0.2)  # re-measure quickly
+    slow = {"headers": {"x-mock-latency": "0.1"}}
+    path = tmp_path / "resillm.yaml"
+    config = two_providers(upstream, "least_latency", a=slow)
+    write(path, config)
+    gateway = create_app(path)
+    async with serve_asgi(gateway, config) as url:
+        first = await providers_of(url, 8)
+        assert first[2:] == ["b"] * 6  # a is slow: b takes the traffic
+        # a recovers and b slows down (a reload keeps the latency figures per target).
+        write(path, two_providers(upstream, "least_latency", b=slow))
+        assert (await gateway.reload()).applied
+        answered: list[str] = []
+        for _ in range(30):
+            answered += await providers_of(url, 1)
+            await asyncio.sleep(0.02)
+    # Measured again, a has the traffic back; b, now stale, is only probed now and then.
+    assert answered[-10:].count("a") >= 8
