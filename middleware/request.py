@@ -118,6 +118,8 @@ def parse_chat_request(ctx: RequestContext) -> None:
         raw: Any = json_decoder.decode(ctx.body)
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # msgspec's guard against stack exhaustion on deep nesting
+        raise InvalidRequest("request body is nested too deeply") from None
     if not isinstance(raw, dict):
         raise InvalidRequest("request body must be a JSON object")
     try:

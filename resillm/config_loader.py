@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from resillm.config import (
     PROVIDER_TYPES,
@@ -100,6 +100,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([ConfigIssue("", "config is not valid UTF-8", name)]) from None
     text, tokens = _hide_env_tokens(text)
     try:
+        return _load_document(name, text, tokens)
+    except RecursionError:
+        raise ConfigError([ConfigIssue("", "config is nested too deeply", name)]) from None
+
+
+def _load_document(name: str, text: str, tokens: list[str]) -> Config:
+    try:
         document = YAML(typ="rt", pure=True).load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -109,6 +116,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(
             [ConfigIssue("", f"invalid YAML: {message}", name, line, column)]
         ) from None
+    except YAMLError as exc:  # unmarked: a control character the reader refuses, ...
+        raise ConfigError([ConfigIssue("", f"invalid YAML: {exc}", name)]) from None
     return _Validator(name, _locate(document), tokens).run(document)
 
 
@@ -253,6 +262,9 @@ class _Validator:
             return msgspec.convert(data, tp, strict=False, dec_hook=_dec_hook)
         except msgspec.ValidationError as exc:
             self.add_validation_error(str(exc), path)
+            return None
+        except UnicodeEncodeError:  # "\ud83d" escapes: ruamel does not pair surrogates
+            self.add(path, "text holds a lone surrogate (\\ud800-\\udfff): not valid Unicode")
             return None
 
     def convert_entries(self, data: dict[str, Any], key: str, tp: Any) -> dict[str, Any]:

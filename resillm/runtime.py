@@ -36,6 +36,7 @@ from resillm.config_diff import ReloadReport
 from resillm.context import RequestContext
 from resillm.errors import MethodNotAllowed, NotFound
 from resillm.metrics import Metrics
+from resillm.openapi import openapi_document
 from resillm.pricing import PriceBook, cost_nano_usd, to_usd
 from resillm.router import Router
 from resillm.schema import ModelCard, ModelList, json_encoder
@@ -243,6 +244,8 @@ class Runtime:
                 }
             )
             await send({"type": "http.response.body", "body": content})
+        elif path == "/openapi.json":
+            await send_json(send, 200, openapi_document())
         elif path == "/admin" or path.startswith("/admin/"):
             await self.admin(scope, receive, send)
         else:

@@ -22,6 +22,7 @@ A frame with ``:message-type`` ``exception`` (throttlingException, modelStreamEr
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -226,8 +227,10 @@ class BedrockChunkStream(UpstreamChunkStream):
                 self._on_message(message)
                 if self.ended:
                     return
-        except ParserError as exc:
-            self.fail(self.protocol_error(f"unreadable event-stream frame: {exc}"))
+        except (ParserError, ValueError, KeyError, struct.error) as exc:
+            # botocore checks the CRCs, then parses headers unguarded: an unknown header
+            # type (KeyError), a name not UTF-8 (ValueError), headers cut short (struct).
+            self.fail(self.protocol_error(f"unreadable event-stream frame: {exc!r}"))
 
     def _on_message(self, message: EventStreamMessage) -> None:
         # botocore-stubs types these headers as an int; they are a dict of name to value.

@@ -117,7 +117,7 @@ async def test_least_latency_comes_back_when_the_slow_one_recovers(
     from tests.conftest import serve_asgi
     from tests.integration.test_reload import write
 
-    monkeypatch.setattr(resillm.balance, "STALE_AFTER_S", 0.2)  # re-measure quickly
+    monkeypatch.setattr(resillm.balance, "STALE_AFTER_S", 0.3)  # re-measure quickly
     slow = {"headers": {"x-mock-latency": "0.1"}}
     path = tmp_path / "resillm.yaml"
     config = two_providers(upstream, "least_latency", a=slow)
@@ -125,13 +125,13 @@ async def test_least_latency_comes_back_when_the_slow_one_recovers(
     gateway = create_app(path)
     async with serve_asgi(gateway, config) as url:
         first = await providers_of(url, 8)
-        assert first[2:] == ["b"] * 6  # a is slow: b takes the traffic
+        assert first[2:].count("b") >= 5  # a is slow: b takes the traffic (a is re-probed)
         # a recovers and b slows down (a reload keeps the latency figures per target).
         write(path, two_providers(upstream, "least_latency", b=slow))
         assert (await gateway.reload()).applied
         answered: list[str] = []
-        for _ in range(30):
+        while len(answered) < 80 and not (len(answered) >= 10 and answered[-10:].count("a") >= 8):
             answered += await providers_of(url, 1)
             await asyncio.sleep(0.02)
     # Measured again, a has the traffic back; b, now stale, is only probed now and then.
-    assert answered[-10:].count("a") >= 8
+    assert answered[-10:].count("a") >= 8, answered

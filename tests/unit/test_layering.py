@@ -23,6 +23,7 @@ LEAVES = {
     "resillm.errors",
     "resillm.log",
     "resillm.metrics",
+    "resillm.openapi",
     "resillm.pricing",
     "resillm.redact",
     "resillm.schema",
