@@ -125,6 +125,17 @@ def redact_secrets(text: str, secret: str | None) -> str:
     return _KEY_LIKE_RE.sub("***", text)
 
 
+# Sent headers whose names say they carry a credential (extra ``headers:`` included).
+_CREDENTIAL_HEADER_RE = re.compile(r"auth|key|token|secret|password|cookie|signature", re.I)
+
+
+def _sent_credentials(response: aiohttp.ClientResponse) -> list[str]:
+    """The credential values the request carried ("Bearer KEY" gives KEY)."""
+    info = getattr(response, "request_info", None)
+    sent = info.headers.items() if info is not None else ()
+    return [v.rpartition(" ")[2] for k, v in sent if _CREDENTIAL_HEADER_RE.search(k)]
+
+
 async def status_error(
     response: aiohttp.ClientResponse, provider: str, model: str, secret: str | None = None
 ) -> UpstreamStatusError:
@@ -144,6 +155,8 @@ async def status_error(
         message = (body.error if isinstance(body.error, str) else None) or body.message or ""
     if not message:
         message = raw[:500].decode("utf-8", "replace").strip() or (response.reason or "")
+    for sent in _sent_credentials(response):
+        message = redact_secrets(message, sent)
     return UpstreamStatusError(
         response.status,
         redact_secrets(message, secret),

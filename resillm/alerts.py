@@ -98,13 +98,26 @@ class AlertDispatcher:
                         "budget alert via %s failed after %d attempts: %s",
                         channel,
                         ATTEMPTS,
-                        exc or type(exc).__name__,
+                        self._described(exc),
                     )
                     return
-                logger.warning("budget alert via %s failed, retrying: %s", channel, exc)
+                logger.warning(
+                    "budget alert via %s failed, retrying: %s", channel, self._described(exc)
+                )
                 await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
             else:
                 return
+
+    def _described(self, exc: BaseException) -> str:
+        """The failure without the webhook URLs or the SMTP password: they are credentials."""
+        if isinstance(exc, aiohttp.ClientResponseError):  # its text carries the URL
+            return f"HTTP {exc.status} {exc.message}"
+        text = str(exc) or type(exc).__name__
+        c = self.config
+        for secret in (c.webhook_url, c.slack_webhook_url, c.email and c.email.password):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     async def _post(self, url: str, body: bytes) -> None:
         session = self.session

@@ -29,6 +29,13 @@ class ServerConfig(_Section, frozen=True):
     max_request_bytes: PositiveInt = 4 * 1024 * 1024
     # How long SIGTERM waits for in-flight requests and streams before closing them.
     graceful_timeout: Duration = Duration(30.0)
+    # An idle keep-alive connection is closed after this; it also bounds how long a client
+    # may take to send a request's headers (slowloris).
+    keep_alive_timeout: Duration = Duration(75.0)
+    max_header_bytes: PositiveInt = 64 * 1024  # request line + headers; more: 400, closed
+    # Longest wait for any bytes from the client; None: no limit. It also cuts a stream
+    # whose client sends nothing for this long, so keep it above the longest stream.
+    read_timeout: Duration | None = None
 
 
 class KeyBudgetConfig(_Section, frozen=True):
@@ -247,6 +254,16 @@ class AdminConfig(_Section, frozen=True):
     recent_requests: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 200
 
 
+class CorsConfig(_Section, frozen=True):
+    # Browser origins allowed to call /v1 ("*" for any); empty: no CORS headers at all.
+    allow_origins: list[NonEmptyStr] = msgspec.field(default_factory=list)
+    allow_headers: list[NonEmptyStr] = msgspec.field(
+        default_factory=lambda: ["authorization", "content-type", "x-api-key", "traceparent"]
+    )
+    expose_headers: list[NonEmptyStr] = msgspec.field(default_factory=list)
+    max_age: Annotated[int, msgspec.Meta(ge=0)] = 600  # seconds a preflight answer is cached
+
+
 class Config(_Section, frozen=True):
     """The whole configuration."""
 
@@ -260,3 +277,4 @@ class Config(_Section, frozen=True):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    cors: CorsConfig = msgspec.field(default_factory=CorsConfig)

@@ -28,6 +28,7 @@ from resillm.config import (
     BudgetConfig,
     CacheConfig,
     Config,
+    CorsConfig,
     LoggingConfig,
     ModelConfig,
     ProviderConfig,
@@ -54,6 +55,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "logging": LoggingConfig,
     "tracing": TracingConfig,
     "admin": AdminConfig,
+    "cors": CorsConfig,
 }
 _TOP_KEYS = ("providers", "models", *_SECTIONS)
 _NOT_YET: tuple[str, ...] = ()  # SPEC sections still being built
@@ -118,6 +120,8 @@ def _load_document(name: str, text: str, tokens: list[str]) -> Config:
         ) from None
     except YAMLError as exc:  # unmarked: a control character the reader refuses, ...
         raise ConfigError([ConfigIssue("", f"invalid YAML: {exc}", name)]) from None
+    except TypeError:  # ruamel cannot hash a mapping or list used as a key: "? {a: 1}"
+        raise ConfigError([ConfigIssue("", "invalid YAML: a key must be a scalar", name)]) from None
     return _Validator(name, _locate(document), tokens).run(document)
 
 

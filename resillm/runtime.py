@@ -19,6 +19,7 @@ from middleware.access_log import AccessLogMiddleware
 from middleware.auth import AuthMiddleware
 from middleware.budget import BudgetMiddleware
 from middleware.cache import CacheMiddleware
+from middleware.cors import CorsMiddleware
 from middleware.errors import ErrorsMiddleware
 from middleware.metrics import MetricsMiddleware
 from middleware.request import CHAT_COMPLETIONS, RequestMiddleware
@@ -163,6 +164,7 @@ class Runtime:
         admin = self.state.admin if config.auth.admin_key else None
         traced = [partial(tracing.middleware, providers=config.providers)] if tracing else []
         layers: list[Callable[[ASGIApp], ASGIApp]] = [  # outermost first
+            *([partial(CorsMiddleware, config=config.cors)] if config.cors.allow_origins else []),
             ErrorsMiddleware,
             *traced,  # the SERVER span, with tracing.enabled
             partial(

@@ -79,13 +79,14 @@ def hypercorn_config(config: Config, bind: list[str]) -> Any:
     hyper.graceful_timeout = config.server.graceful_timeout
     hyper.accesslog = None  # resillm writes its own structured access log
     hyper.errorlog = logging.getLogger("resillm.hypercorn")
-    hyper.keep_alive_timeout = 75.0  # longer than nginx's upstream keepalive default
+    hyper.keep_alive_timeout = config.server.keep_alive_timeout  # > nginx's keepalive (60s)
     hyper.keep_alive_max_requests = 100_000
     # hypercorn re-listens on the socket with its own backlog (100 by default): a burst of
     # a thousand clients would overflow it and wait out SYN retries.
     hyper.backlog = LISTEN_BACKLOG
     hyper.include_server_header = False
-    hyper.h11_max_incomplete_size = 64 * 1024
+    hyper.h11_max_incomplete_size = config.server.max_header_bytes
+    hyper.read_timeout = config.server.read_timeout  # type: ignore[assignment]  # float works
     return hyper
 
 
