@@ -36,14 +36,10 @@ from resillm.config import (
     ServerConfig,
     TracingConfig,
 )
+from resillm.config_env import expand, hide_env_tokens, unhide
 from resillm.durations import Duration, parse_duration
 
 ConfigPath = tuple[str | int, ...]
-# Private-use characters: printable for YAML, absent from real configs. A placeholder is
-# MARK index MARK, padded with PAD to the width of the ``${...}`` it stands for.
-_MARK, _PAD = "\ue000", "\ue001"
-_HIDDEN_RE = re.compile(f"{_MARK}(\\d+){_MARK}{_PAD}*")
-_ENV_RE = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _AT_RE = re.compile(r"^(.*) - at `\$(.*)`$", re.S)
 _PATH_TOKEN_RE = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
 _SECTIONS: dict[str, type[Any]] = {
@@ -100,7 +96,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([ConfigIssue("", f"cannot read config: {exc.strerror}", name)]) from None
     except UnicodeDecodeError:
         raise ConfigError([ConfigIssue("", "config is not valid UTF-8", name)]) from None
-    text, tokens = _hide_env_tokens(text)
+    text, tokens = hide_env_tokens(text)
     try:
         return _load_document(name, text, tokens)
     except RecursionError:
@@ -128,22 +124,6 @@ def _load_document(name: str, text: str, tokens: list[str]) -> Config:
 def config_from_dict(data: Mapping[str, Any], source: str | None = None) -> Config:
     """Validate plain data (already parsed) with the same rules as a file."""
     return _Validator(source, {}, []).run(data)
-
-
-def _hide_env_tokens(text: str) -> tuple[str, list[str]]:
-    """Swap each ``${...}`` for a same-width placeholder that YAML reads as plain text.
-
-    ``{key: ${VAR}}`` is not valid YAML (``{`` cannot start a plain scalar inside a flow
-    mapping), yet it is how everyone writes it; keeping the width keeps every column right.
-    """
-    tokens: list[str] = []
-
-    def hide(match: re.Match[str]) -> str:
-        tokens.append(match.group(0))
-        mark = f"{_MARK}{len(tokens) - 1}{_MARK}"
-        return mark.ljust(len(match.group(0)), _PAD)
-
-    return _ENV_RE.sub(hide, text), tokens
 
 
 def _locate(
@@ -233,33 +213,18 @@ class _Validator:
         return node
 
     def unhide(self, value: str) -> str:
-        if _MARK not in value:
-            return value
-        return _HIDDEN_RE.sub(lambda m: self.hidden[int(m.group(1))], value)
+        return unhide(value, self.hidden)
 
     def expand(self, value: str, path: ConfigPath) -> str:
-        value = self.unhide(value)
-
-        def substitute(match: re.Match[str]) -> str:
-            escaped, name, default = match.groups()
-            if escaped:
-                return match.group(0)[1:]
-            found = os.environ.get(name)
-            if found:
-                return found
-            if default is not None:  # as in shells: unset or empty takes the default
-                return default
-            if found is not None:
-                return found
+        def missing(name: str) -> None:
             self.env_failed.add(path)
             self.add(
                 path,
                 f"environment variable {name} is not set "
                 f"(write ${{{name}:-default}} to give a default)",
             )
-            return ""
 
-        return _ENV_RE.sub(substitute, value) if "$" in value else value
+        return expand(unhide(value, self.hidden), missing)
 
     def convert(self, data: Any, tp: Any, path: ConfigPath) -> Any:
         try:

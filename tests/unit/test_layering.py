@@ -17,6 +17,7 @@ LEAVES = {
     "resillm.cache_store",
     "resillm.config",
     "resillm.config_diff",
+    "resillm.config_env",
     "resillm.config_loader",
     "resillm.context",
     "resillm.durations",
