@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
@@ -42,11 +42,7 @@ from resillm.context import SCOPE_KEY
 from resillm.errors import GatewayError
 from resillm.tracecontext import (
     TRACER_SCOPE_KEY,
-    TracedTarget,
 )
-
-T = TypeVar("T")
-TargetT = TypeVar("TargetT", bound=TracedTarget)
 
 OTLP_DEFAULT_ENDPOINT = "http://127.0.0.1:4318"
 ZIPKIN_DEFAULT_ENDPOINT = "http://127.0.0.1:9411"
