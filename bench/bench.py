@@ -73,6 +73,7 @@ class Settings:
     features: tuple[str, ...]
     wrk: bool
     json: bool
+    floor: bool = False
 
 
 @dataclass
@@ -129,7 +130,25 @@ def start_servers(
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             target = Target(name, url, "bench", "bench-slow", cpu_seconds=process.cpu_seconds)
             running.append(Running(name, process, target, cpus.gateway, features))
+        if settings.floor and not missing:
+            running.append(start_floor(stack, server, free_port(ports), direct.url, cpus))
     return running, skipped
+
+
+def start_floor(
+    stack: contextlib.ExitStack[bool | None], server: str, port: int, upstream: str, cpus: CpuPlan
+) -> Running:
+    """`bench/floor.py` on `server`: the same server and client library, no gateway logic."""
+    name = f"{server}/floor"
+    args = [str(BENCH / "floor.py"), "--server", server, "--port", str(port)]
+    args += ["--upstream", upstream]
+    args += [
+        arg for key, value in HELD_HEADERS.items() for arg in ("--slow-header", f"{key}:{value}")
+    ]
+    process = stack.enter_context(Server(name, args))
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    target = Target(name, url, "bench", "bench-slow", cpu_seconds=process.cpu_seconds)
+    return Running(name, process, target, cpus.gateway, "floor")
 
 
 Phase = Callable[[Running], Awaitable[None]]
@@ -289,6 +308,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--features", choices=(*FEATURES, "both"), default="both")
     parser.add_argument("--streams", type=int, help="streams held at once (default 1000)")
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run bench/floor.py: the server and client library with no gateway logic",
+    )
+    parser.add_argument(
         "--no-wrk", action="store_true", help="drive throughput with aiohttp even with wrk"
     )
     args = parser.parse_args(argv)
@@ -305,6 +329,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         features=FEATURES if args.features == "both" else (args.features,),
         wrk=shutil.which("wrk") is not None and not args.no_wrk,
         json=bool(args.json),
+        floor=bool(args.floor),
     )
 
 

@@ -2,10 +2,13 @@
 
 Sets up the :class:`RequestContext` every later layer reads. Only POST bodies are read;
 chat completion bodies are decoded and validated here, so no other layer parses JSON.
+The whole body must arrive within ``body_timeout`` (one timer per request, not per read):
+a client trickling it, or never sending it, gets 408 and its connection closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
@@ -15,7 +18,7 @@ import msgspec
 
 from resillm.asgi import ASGIApp, Message, Receive, Scope, Send, header, route_path
 from resillm.context import SCOPE_KEY, RequestContext
-from resillm.errors import InvalidRequest, RequestTooLarge
+from resillm.errors import InvalidRequest, RequestTimeout, RequestTooLarge
 from resillm.log import REQUEST_ID
 from resillm.schema import ChatCompletionRequest, json_decoder
 from resillm.tracecontext import TRACER_SCOPE_KEY
@@ -49,9 +52,12 @@ class ClientDisconnected(Exception):
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, *, max_request_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_request_bytes: int, body_timeout: float | None = None
+    ) -> None:
         self.app = app
         self.max_request_bytes = max_request_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,10 +87,14 @@ class RequestMiddleware:
 
         if scope["method"] == "POST":
             try:
-                ctx.body = await self.read_body(scope, receive)
+                async with asyncio.timeout(self.body_timeout):
+                    ctx.body = await self.read_body(scope, receive)
             except ClientDisconnected:
                 ctx.status = 499
                 return
+            except TimeoutError:
+                seconds = f"{self.body_timeout:g}s"
+                raise RequestTimeout(f"the request body did not arrive within {seconds}") from None
             if ctx.route == CHAT_COMPLETIONS:
                 parse_chat_request(ctx)
         await self.app(scope, receive, send_with_request_id)

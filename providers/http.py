@@ -32,11 +32,26 @@ def create_session() -> aiohttp.ClientSession:
     )
     return aiohttp.ClientSession(
         connector=connector,
+        # No cookie jar: a cookie an upstream sets while answering one client must never ride
+        # along with another client's request (the gateway is stateless toward upstreams).
+        cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None),
         skip_auto_headers=("User-Agent",),
         headers={"User-Agent": "resillm"},
         json_serialize=lambda obj: msgspec.json.encode(obj).decode(),
     )
+
+
+def pool_connections(session: aiohttp.ClientSession) -> tuple[int, int]:
+    """The session's upstream connections: (active, idle) — in use by a request (or being
+    opened for one), and kept alive for reuse. aiohttp has no public count, so this reads
+    the connector's own bookkeeping, and says (0, 0) should that ever move."""
+    connector = session.connector
+    acquired = getattr(connector, "_acquired", None)
+    kept = getattr(connector, "_conns", None)
+    active = len(acquired) if isinstance(acquired, set) else 0
+    idle = sum(len(conns) for conns in kept.values()) if isinstance(kept, dict) else 0
+    return active, idle
 
 
 class upstream_errors:  # lower case: it reads as a statement, `with upstream_errors(...)`
@@ -56,6 +71,9 @@ class upstream_errors:  # lower case: it reads as a statement, `with upstream_er
     ) -> None:
         if exc is None or isinstance(exc, (UpstreamError, asyncio.CancelledError)):
             return
+        # aiohttp keeps some errors (a StreamReader's, raised again on every read) and their
+        # traceback holds the reader: a cycle only the garbage collector would free.
+        exc.__traceback__ = None
         where = f"{self.provider}/{self.model}"
         if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
             raise UpstreamTimeout(

@@ -10,7 +10,6 @@ then raises it, and gives the connection back for reuse only after a clean end.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 
 import aiohttp
@@ -38,12 +37,15 @@ class UpstreamChunkStream:
         self._response = response
         self._idle_s = idle_s
         self._release = release
-        self._pending: deque[Chunk] = deque()
+        # A list, not a deque: it holds the few chunks of one read, and an empty deque
+        # costs 600 bytes, held by every open stream.
+        self._pending: list[Chunk] = []
         self._started = False  # the first token went by: the idle limit applies
         self.finished = False  # a finish reason went by: the answer is whole
         self._ended = False
         self._closed = False
-        self._failure: UpstreamError | None = None
+        self._failure: UpstreamError | None = None  # raised once by __anext__, then dropped
+        self._failed = False
         self.malformed = 0  # events skipped as unreadable (counted in metrics)
 
     # -- for subclasses ----------------------------------------------------------------------
@@ -71,6 +73,7 @@ class UpstreamChunkStream:
         if self._ended:
             return
         self._ended = True
+        self._failed = True
         self._failure = error
         self._close_response(reuse=False)
 
@@ -83,6 +86,11 @@ class UpstreamChunkStream:
     def ended(self) -> bool:
         return self._ended
 
+    @property
+    def buffered(self) -> int:
+        """Chunks already read and waiting: the next ones come without waiting."""
+        return len(self._pending)
+
     # -- iteration -----------------------------------------------------------------------
 
     def __aiter__(self) -> UpstreamChunkStream:
@@ -92,10 +100,16 @@ class UpstreamChunkStream:
         while not self._pending:
             if self._ended:
                 if self._failure is not None:
-                    raise self._failure
+                    # Neither this frame nor `self` may hold the error once raised: its
+                    # traceback holds them, and the cycle would wait for the collector.
+                    failure, self._failure = self._failure, None
+                    try:
+                        raise failure
+                    finally:
+                        del failure
                 raise StopAsyncIteration
             await self._read()
-        return self._pending.popleft()
+        return self._pending.pop(0)
 
     async def _read(self) -> None:
         try:
@@ -131,4 +145,4 @@ class UpstreamChunkStream:
 
     async def aclose(self) -> None:
         # Before the end, the connection is mid-answer and cannot be reused: close it.
-        self._close_response(reuse=self._ended and self._failure is None)
+        self._close_response(reuse=self._ended and not self._failed)

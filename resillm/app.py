@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 
-from providers.http import create_session
+from providers.http import create_session, pool_connections
 from resillm.asgi import Receive, Scope, Send, route_path
 from resillm.balance import StatsRegistry
 from resillm.budget import BudgetTracker
@@ -76,6 +76,7 @@ class Gateway:
         self.stats = StatsRegistry()  # latency and load per target, for the balancer
         self.budget = BudgetTracker(config, metrics=self.metrics)
         self.cache = ResponseCache(config.cache)
+        self.metrics.on_render(self._count_connections)
         self._watcher: ConfigWatcher | None = None
         self._start_lock = asyncio.Lock()
         self._reload_lock = asyncio.Lock()
@@ -208,6 +209,13 @@ class Gateway:
     @property
     def session(self) -> aiohttp.ClientSession | None:
         return self.state.session if self.state is not None else None
+
+    def _count_connections(self) -> None:
+        """``resillm_upstream_connections``, counted at scrape time only."""
+        session = self.session
+        active, idle = pool_connections(session) if session is not None else (0, 0)
+        self.metrics.upstream_connections.set({"state": "active"}, active)
+        self.metrics.upstream_connections.set({"state": "idle"}, idle)
 
 
 def _report_fields(report: ReloadReport) -> dict[str, Any]:

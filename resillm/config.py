@@ -36,6 +36,13 @@ class ServerConfig(_Section, frozen=True):
     # Longest wait for any bytes from the client; None: no limit. It also cuts a stream
     # whose client sends nothing for this long, so keep it above the longest stream.
     read_timeout: Duration | None = None
+    # The whole request body must arrive within this, from the end of the headers: else
+    # 408 and the connection closed. A full max_request_bytes body needs ~140 KB/s.
+    body_timeout: Duration | None = Duration(30.0)
+    # A response write that waits this long for a client that does not read (nginx's
+    # send_timeout) ends the request and closes its upstream call. Memory is bounded anyway
+    # (backpressure); this frees the upstream connection a stalled client would hold.
+    send_timeout: Duration | None = Duration(60.0)
 
 
 class KeyBudgetConfig(_Section, frozen=True):

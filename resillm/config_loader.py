@@ -118,6 +118,8 @@ def _load_document(name: str, text: str, tokens: list[str]) -> Config:
         raise ConfigError([ConfigIssue("", f"invalid YAML: {exc}", name)]) from None
     except TypeError:  # ruamel cannot hash a mapping or list used as a key: "? {a: 1}"
         raise ConfigError([ConfigIssue("", "invalid YAML: a key must be a scalar", name)]) from None
+    except (IndexError, ValueError):  # ruamel's own slips on odd scalars, such as "+_"
+        raise ConfigError([ConfigIssue("", "invalid YAML: unreadable scalar", name)]) from None
     return _Validator(name, _locate(document), tokens).run(document)
 
 
@@ -185,6 +187,7 @@ class _Validator:
         models = self.convert_entries(data, "models", ModelConfig)
         if not self.issues:
             self.check_references(providers, models, sections.get("auth"))
+            self.check_server(sections.get("server"))
             self.check_budget(sections.get("budget"))
             self.check_cache(sections.get("cache"))
             self.check_tracing(sections.get("tracing"))
@@ -306,6 +309,16 @@ class _Validator:
                         ("auth", "keys", index, "models", j),
                         f"model {alias!r} is not a configured alias",
                     )
+
+    def check_server(self, server: ServerConfig | None) -> None:
+        """A zero would cut every connection at once (or, for uvicorn, never)."""
+        if server is None:
+            return
+        for field in ("keep_alive_timeout", "read_timeout", "body_timeout", "send_timeout"):
+            value = getattr(server, field)
+            if value is not None and value <= 0:
+                off = "" if field == "keep_alive_timeout" else " (null turns it off)"
+                self.add(("server", field), f"must be a duration greater than 0{off}")
 
     def check_cache(self, cache: CacheConfig | None) -> None:
         if cache is None:

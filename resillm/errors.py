@@ -4,7 +4,8 @@
 
     GatewayError                      status, type, code; rendered by ``error_body``
     ├── InvalidRequest                400 invalid_request_error (bad JSON, bad fields)
-    │   ├── RequestTooLarge           413 request_too_large
+    │   ├── RequestTooLarge           413 request_too_large, connection closed
+    │   ├── RequestTimeout            408 request_timeout (body too slow), connection closed
     │   └── ModelNotFound             404 model_not_found
     ├── AuthenticationFailed          401 authentication_error / invalid_api_key
     ├── PermissionDenied              403 permission_error
@@ -72,9 +73,22 @@ class InvalidRequest(GatewayError):
     type = "invalid_request_error"
 
 
-class RequestTooLarge(InvalidRequest):
+class _ClosingError(InvalidRequest):
+    """Answered before the whole body was read: ``Connection: close`` makes the server
+    drop the rest (uvicorn would otherwise read it to its end, however large or slow)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+
+
+class RequestTooLarge(_ClosingError):
     status = 413
     code = "request_too_large"
+
+
+class RequestTimeout(_ClosingError):
+    status = 408
+    code = "request_timeout"
 
 
 class ModelNotFound(InvalidRequest):

@@ -98,7 +98,9 @@ class Failover:
                     except TimeoutError:
                         raise _deadline(target, self.config) from None
                 except UpstreamError as exc:
-                    failures.append(exc)
+                    # Kept without its traceback, which holds this frame and so `failures`:
+                    # a cycle only the garbage collector would free.
+                    failures.append(exc.with_traceback(None))
                     _note_rate_limit(target, exc, loop.time())
                     ctx.attempt_log.append(
                         (target.provider, target.model, attempt_outcome(exc), retry > 0)
@@ -127,7 +129,7 @@ class Failover:
                     # This target's API cannot express the request (say n > 1 for Claude);
                     # another target may. Nothing was sent, so nothing is held against it.
                     target.settle("release")
-                    unsupported = exc
+                    unsupported = exc.with_traceback(None)
                     break
                 except BaseException:
                     target.settle("release")

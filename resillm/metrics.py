@@ -102,7 +102,8 @@ class Metrics:
         )  # fmt: skip
         self.budget_store_errors = Counter(
             "resillm_budget_store_errors_total",
-            "Budget store operations that failed (Redis down), by operation and policy.",
+            "Budget store operations that failed (Redis down, snapshot file not written or "
+            "read), by operation and policy.",
             registry=registry,
         )
         self.config_reloads = Counter(
@@ -111,6 +112,11 @@ class Metrics:
         )  # fmt: skip
         self.inflight = Gauge(
             "resillm_inflight_requests", "Requests being served now.", registry=registry
+        )
+        self.upstream_connections = Gauge(
+            "resillm_upstream_connections",
+            "Upstream connections of the shared pool, by state (active: in use, idle: kept).",
+            registry=registry,
         )
         self.stream_recoveries = Counter(
             "resillm_stream_recoveries_total",

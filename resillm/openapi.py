@@ -62,7 +62,7 @@ def build_openapi(version: str) -> bytes:
                 "text/event-stream": {"schema": {"type": "string"}},
             },
         },
-        **_errors(400, 401, 403, 404, 413, 429, 502, 503, 504),
+        **_errors(400, 401, 403, 404, 408, 413, 429, 502, 503, 504),
     }
     paths: dict[str, Any] = {
         "/v1/chat/completions": {

@@ -19,6 +19,7 @@ when tool-call arguments were in flight, past the request deadline, or after
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
@@ -36,6 +37,7 @@ from resillm.usage import add_usage, estimate_tokens, prompt_chars
 
 logger = logging.getLogger("resillm.relay")
 MAX_RECOVERIES = 3
+YIELD_EVERY = 4  # sends between two pauses for the rest of the event loop
 
 
 class OpenStream(NamedTuple):
@@ -108,13 +110,16 @@ class StreamRelay:
         self.parts: list[str] = []  # content of choice 0 the client received
         ctx.streamed = self.parts  # the access log joins it only with logging.log_responses
         self.tool_call = False
-        self.usage_total: Usage | None = None
         self.call_usage: Usage | None = None
         self.call_chars = 0
         self.call_prefill = ""
         self.origin: tuple[Any, Any] | None = None  # the client stream's id and created
         self.first_data = b""
         self.resume: _Resume | None = None
+        # Events forwarded but not yet sent: the ones that arrived together go out as one
+        # body (one write) instead of one each; nothing waits that could have been sent.
+        self.outbox: list[bytes] = []
+        self.sends = 0
 
     async def run(self, target: Target, opened: OpenStream, headers: Headers) -> None:
         """Relay ``opened`` (and what recovers it). The failover loop left each target's
@@ -127,11 +132,14 @@ class StreamRelay:
             while True:
                 try:
                     for chunk in opened.head:
-                        await self.forward(chunk)
+                        self.forward(chunk)
+                    await self.flush_unless_more(opened.stream)
                     async for chunk in opened.chunks:
-                        await self.forward(chunk)
+                        self.forward(chunk)
+                        await self.flush_unless_more(opened.stream)
                     break
                 except UpstreamError as exc:
+                    await self.flush()  # what came before the failure is the client's
                     self.ctx.malformed_events += getattr(opened.stream, "malformed", 0)
                     await opened.stream.aclose()
                     self.end_call(failed=True)
@@ -151,15 +159,15 @@ class StreamRelay:
             settled = True
             self.end_call(failed=False)
             self.ctx.malformed_events += getattr(opened.stream, "malformed", 0)
-            await self.send_body(DONE_EVENT, more=False)
+            await self.send_body(self.take() + DONE_EVENT, more=False)
         finally:
             if not settled:  # cancelled: the client left, or the server is stopping
                 target.settle("release")
                 self.end_call(failed=True)  # bill what was received (SPEC section 4)
             await opened.stream.aclose()
-            self.ctx.usage = self.usage_total
 
-    async def forward(self, chunk: Chunk) -> None:
+    def forward(self, chunk: Chunk) -> None:
+        """Queue the chunk for the client (rewritten for a recovered call)."""
         if chunk.usage is not None:
             self.call_usage = chunk.usage
         if not chunk.forward:
@@ -174,7 +182,28 @@ class StreamRelay:
         self.parts.append(text)
         self.call_chars += len(text)
         self.tool_call = self.tool_call or chunk.tool_call
-        await self.send_body(encode_data(data), more=True)
+        self.outbox.append(encode_data(data))
+
+    async def flush_unless_more(self, stream: object) -> None:
+        """Send what is queued unless the upstream's next chunk is already here."""
+        if self.outbox and not getattr(stream, "buffered", 0):
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.outbox:
+            return
+        await self.send_body(self.take(), more=True)
+        self.sends += 1
+        if not self.sends % YIELD_EVERY:
+            # Once the client is gone hypercorn's send returns at once, and buffered upstream
+            # bytes are read at once too: without this pause the disconnect watch would wait
+            # for the buffer to drain, every chunk written to (and logged by) a dead socket.
+            await asyncio.sleep(0)
+
+    def take(self) -> bytes:
+        body = b"".join(self.outbox)
+        self.outbox.clear()
+        return body
 
     async def send_body(self, body: bytes, *, more: bool) -> None:
         await self.send({"type": "http.response.body", "body": body, "more_body": more})
@@ -189,8 +218,9 @@ class StreamRelay:
                 prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
             )
         if usage is not None:
-            self.usage_total = add_usage(self.usage_total, usage)
-            self.ctx.usage = self.usage_total  # known before the last event: budgets settle then
+            # Summed in the context (where calls that failed before their first token left
+            # their usage), so it is known before the last event: budgets settle then.
+            self.ctx.usage = add_usage(self.ctx.usage, usage)
         self.call_usage, self.call_chars = None, 0
 
     async def recover(self, failed: Target) -> tuple[Target, OpenStream] | None:
@@ -227,13 +257,22 @@ class StreamRelay:
         return target, opened
 
     def continuation(self, prefill: str) -> UpstreamCall:
+        """The request again, its answer so far as a trailing assistant message; a token
+        limit is lowered by what was delivered (estimated, at least 1 left), so the client
+        never gets much more than it asked for."""
         call = self.call
         request = call.request
         messages = [*request.messages, AssistantMessage(content=prefill)]
         assistant = {"role": "assistant", "content": prefill}
         raw = {**call.raw, "messages": [*call.raw["messages"], assistant]}
+        limits: dict[str, int] = {}
+        delivered = estimate_tokens(len(prefill))
+        for name in ("max_tokens", "max_completion_tokens"):
+            limit = getattr(request, name)
+            if limit is not None:
+                limits[name] = raw[name] = max(1, limit - delivered)
         return UpstreamCall(
-            msgspec.structs.replace(request, messages=messages),
+            msgspec.structs.replace(request, messages=messages, **limits),
             raw,
             request_id=call.request_id,
             stream=True,
@@ -253,5 +292,5 @@ class StreamRelay:
         if isinstance(delta, dict) and delta.get("content") is not None:
             delta["content"] = content
         if chunk.usage is not None:
-            body["usage"] = msgspec.to_builtins(add_usage(self.usage_total, chunk.usage))
+            body["usage"] = msgspec.to_builtins(add_usage(self.ctx.usage, chunk.usage))
         return json_encoder.encode(body)

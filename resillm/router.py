@@ -27,7 +27,7 @@ from resillm.errors import (
 from resillm.failover import Failover
 from resillm.relay import OpenStream, StreamRelay
 from resillm.targets import Route, Target
-from resillm.usage import estimate_tokens, prompt_chars
+from resillm.usage import add_usage, estimate_tokens, prompt_chars
 
 EXPECTED_COMPLETION_TOKENS = 512  # for the cost strategy, when the client set no limit
 SSE_HEADERS: Headers = [
@@ -45,7 +45,9 @@ class DisconnectWatch:
 
     def __init__(self, receive: Receive, task: asyncio.Task[object]) -> None:
         self.disconnected = False
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive, task))
+        self._watcher: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
+            self._watch(receive, task)
+        )
 
     async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
         while True:
@@ -56,7 +58,11 @@ class DisconnectWatch:
                 return
 
     def stop(self) -> None:
-        self._watcher.cancel()
+        # Forget the task: its CancelledError's traceback holds this frame's `self`, and a
+        # reference back would make a cycle only the garbage collector could free.
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
 
 
 class Router:
@@ -151,7 +157,7 @@ class Router:
             return await self.failover.run(
                 ctx,
                 route,
-                partial(self.open_attempt, call),
+                partial(self.open_attempt, call, ctx=ctx),
                 chain=balanced if chain is None else chain,
                 max_attempts=max_attempts,
                 deadline=deadline,
@@ -167,13 +173,20 @@ class Router:
         await relay.run(target, opened, headers)
 
     async def open_attempt(
-        self, call: UpstreamCall, target: Target, seconds_left: float
+        self,
+        call: UpstreamCall,
+        target: Target,
+        seconds_left: float,
+        *,
+        ctx: RequestContext | None = None,
     ) -> OpenStream:
         """Open a stream and read it up to its first token within the first-token timeout.
 
         A role-only chunk is not a token: until content (or a tool call, or a finish)
         arrives, a failure can still be retried or fall back, since the client has seen
-        nothing yet."""
+        nothing yet. Usage such a failed call reported (a stream ending with its usage but
+        no token, as a continuation with nothing left to say) is added to ``ctx.usage``:
+        the upstream billed it."""
         limit = min(self.timeouts.first_token, seconds_left)
         try:
             async with asyncio.timeout(limit):
@@ -185,6 +198,10 @@ class Router:
                         head.append(await anext(chunks))
                 except BaseException:
                     await upstream_stream.aclose()
+                    if ctx is not None:
+                        for chunk in head:
+                            if chunk.usage is not None:
+                                ctx.usage = add_usage(ctx.usage, chunk.usage)
                     raise
         except TimeoutError:
             raise _timeout(target, f"no first token within {limit:g}s") from None

@@ -23,6 +23,7 @@ from middleware.cors import CorsMiddleware
 from middleware.errors import ErrorsMiddleware
 from middleware.metrics import MetricsMiddleware
 from middleware.request import CHAT_COMPLETIONS, RequestMiddleware
+from middleware.send_timeout import SendTimeoutMiddleware
 from providers.base import Provider
 from providers.registry import build_provider
 from resillm.admin.api import AdminAPI
@@ -159,7 +160,8 @@ class Runtime:
         return to_usd(cost_nano_usd(price, prompt_tokens, completion_tokens))
 
     def v1_stack(self) -> ASGIApp:
-        config, tracing = self.config, self.tracing
+        config, tracing, server = self.config, self.tracing, self.config.server
+        send_timeout = server.send_timeout
         # The admin page's per-request feeds, only while it is on: one append, one record.
         admin = self.state.admin if config.auth.admin_key else None
         traced = [partial(tracing.middleware, providers=config.providers)] if tracing else []
@@ -178,20 +180,41 @@ class Runtime:
                 metrics=self.metrics,
                 observe=admin.series.record if admin else None,  # the admin page's charts
             ),
-            partial(RequestMiddleware, max_request_bytes=config.server.max_request_bytes),
-            partial(AuthMiddleware, keys=config.auth.keys, aliases=self.routes.keys()),
             partial(
-                BudgetMiddleware,
-                tracker=self.budget,
-                prices=self.prices,
-                default_max_tokens=config.budget.default_max_tokens,
+                RequestMiddleware,
+                max_request_bytes=server.max_request_bytes,
+                body_timeout=server.body_timeout,
             ),
+            *([partial(SendTimeoutMiddleware, timeout=send_timeout)] if send_timeout else []),
+            *self.auth_layer(),
+            *self.budget_layer(),
             *self.cache_layer(),  # last: a hit has passed auth and the budget gate
         ]
         app: ASGIApp = self.v1_endpoints
         for layer in reversed(layers):
             app = layer(app)
         return app
+
+    def auth_layer(self) -> list[Callable[[ASGIApp], ASGIApp]]:
+        """Client keys, when any are configured; without, the routes are open (no layer)."""
+        keys = self.config.auth.keys
+        if not keys:
+            return []
+        return [partial(AuthMiddleware, keys=keys, aliases=self.routes.keys())]
+
+    def budget_layer(self) -> list[Callable[[ASGIApp], ASGIApp]]:
+        """The budget gate, when some alias has a price: a request without one costs 0 and
+        passes the gate untouched, so with none priced there is nothing to gate."""
+        if not any(self.prices.knows(alias) for alias in self.routes):
+            return []
+        return [
+            partial(
+                BudgetMiddleware,
+                tracker=self.budget,
+                prices=self.prices,
+                default_max_tokens=self.config.budget.default_max_tokens,
+            )
+        ]
 
     def cache_layer(self) -> list[Callable[[ASGIApp], ASGIApp]]:
         """The cache layer when ``cache.enabled``; none at all otherwise (zero cost)."""

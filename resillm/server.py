@@ -23,6 +23,7 @@ from typing import Any
 from resillm.app import Gateway
 from resillm.config import Config
 from resillm.config_loader import ConfigError, load_config
+from resillm.hypercorn_fix import release_closed_connections
 from resillm.log import configure_logging
 
 logger = logging.getLogger("resillm.server")
@@ -74,6 +75,7 @@ def bind_listener(host: str, port: int) -> tuple[str, int]:
 def hypercorn_config(config: Config, bind: list[str]) -> Any:
     from hypercorn.config import Config as HypercornConfig
 
+    release_closed_connections(config.server.send_timeout)
     hyper = HypercornConfig()
     hyper.bind = bind
     hyper.graceful_timeout = config.server.graceful_timeout
@@ -157,11 +159,24 @@ def _serve_uvicorn(path: str, config: Config, host: str, port: int, workers: int
         host=host,
         port=port,
         workers=workers,
-        access_log=False,
-        timeout_graceful_shutdown=int(config.server.graceful_timeout),
         loop="uvloop" if has_uvloop() else "asyncio",
+        **uvicorn_options(config),
     )
     return 0
+
+
+def uvicorn_options(config: Config) -> dict[str, Any]:
+    """The ``server`` section in uvicorn's terms. uvicorn has no header deadline (its
+    keep-alive timer runs only between requests) and, with httptools, no header size
+    limit: ``max_header_bytes`` holds only for its h11 parser. ``body_timeout`` and
+    ``send_timeout`` are the gateway's own and hold under both servers."""
+    server = config.server
+    return {
+        "access_log": False,  # resillm writes its own structured access log
+        "timeout_graceful_shutdown": int(server.graceful_timeout),
+        "timeout_keep_alive": server.keep_alive_timeout,  # typed int; a float works
+        "h11_max_incomplete_event_size": server.max_header_bytes,
+    }
 
 
 def share_admin_sessions() -> None:

@@ -124,6 +124,8 @@ def _event(name: str, data: Mapping[str, object]) -> bytes:
 class AnthropicStream:
     """The server-sent events of one streamed message."""
 
+    usage_event = "finish"  # message_delta: the output tokens, after message_start's input
+
     def __init__(self, prompt: Prompt, answer: Answer) -> None:
         self._prompt = prompt
         self._answer = answer

@@ -148,6 +148,7 @@ class OpenAIStream:
     def __init__(self, prompt: Prompt, answer: Answer) -> None:
         self._answer = answer
         self._include_usage = prompt.include_usage
+        self.usage_event = "end" if prompt.include_usage else ""  # the usage chunk
         self._head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion.chunk",

@@ -50,6 +50,15 @@ class MockUpstreamOptions:
 
 
 @dataclass
+class ReportedUsage:
+    """The token usage the mock reported for one model, summed over its answers."""
+
+    answers: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
 class MockUpstreamStats:
     """Counters over the API requests (chat completions and messages) served so far.
 
@@ -57,7 +66,11 @@ class MockUpstreamStats:
     `aborted` counts connections the mock dropped on purpose (`x-mock-cut-after`,
     `x-mock-reset`); `disconnected` counts requests whose client went away before the answer
     was complete. `by_model` counts the authorised requests per model named in the body (a
-    gateway's target model), failed ones included. `last_headers` has lower-cased names.
+    gateway's target model), failed ones included. `usage_by_model` sums, per model, the
+    usage the mock actually wrote out — what a real upstream would bill: a whole JSON answer,
+    an OpenAI stream's usage chunk (only when the client asked for it), an Anthropic
+    stream's `message_delta`; never an answer cut, stalled or failed before it. `last_headers`
+    has lower-cased names.
     """
 
     requests: int = 0
@@ -67,5 +80,13 @@ class MockUpstreamStats:
     aborted: int = 0
     failed: int = 0
     by_model: dict[str, int] = field(default_factory=dict)
+    usage_by_model: dict[str, ReportedUsage] = field(default_factory=dict)
     last_request_json: object = None
     last_headers: dict[str, str] = field(default_factory=dict)
+
+    def count_usage(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Note one answer's usage, once it has been written to the client."""
+        usage = self.usage_by_model.setdefault(model, ReportedUsage())
+        usage.answers += 1
+        usage.prompt_tokens += prompt_tokens
+        usage.completion_tokens += completion_tokens

@@ -27,7 +27,10 @@ _MAX_REQUEST_BYTES = 64 * 1024 * 1024  # aiohttp's default, 1 MiB, is below what
 
 
 class StreamEvents(Protocol):
-    """One API's server-sent events for one answer, already framed."""
+    """One API's server-sent events for one answer, already framed. `usage_event` names the
+    part that carries the answer's usage: "finish", "end", or "" (none is sent)."""
+
+    usage_event: str
 
     def prelude(self) -> bytes: ...
     def piece(self, text: str) -> bytes: ...
@@ -124,7 +127,13 @@ def _api_route(api: _Api) -> Callable[[web.Request], Awaitable[web.StreamRespons
         except _ConnectionCut as cut:
             stats.aborted += 1
             return cut.response
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
+            # The client went away and a write (or a stall's poll) found out before aiohttp
+            # cancelled the handler. Raised, aiohttp would log it as a handler error with its
+            # traceback; returned, it finds the transport closed and ends quietly.
+            stats.disconnected += 1
+            return web.Response()
+        except asyncio.CancelledError:
             stats.disconnected += 1
             raise
         finally:
@@ -182,22 +191,31 @@ async def _answer(request: web.Request, api: _Api, state: _State) -> web.StreamR
             "The conversation must end with a user message.",
         )
     answer = compose_answer(prompt, faults.chunks)
+
+    def reported() -> None:
+        state.stats.count_usage(prompt.model, answer.prompt_tokens, answer.completion_tokens)
+
     if prompt.stream:
-        return await _stream(request, api.stream(prompt, answer), answer, faults)
+        return await _stream(request, api.stream(prompt, answer), answer, faults, reported)
     if faults.stall_after is not None:
         await _stall(request)
     if faults.cut_after is not None:
         _cut(request, web.Response())
-    body_bytes = (
-        b"{not json" if faults.malformed_at is not None else api.completion_body(prompt, answer)
-    )
-    return web.Response(body=body_bytes, content_type="application/json")
+    if faults.malformed_at is not None:
+        return web.Response(body=b"{not json", content_type="application/json")
+    reported()
+    return web.Response(body=api.completion_body(prompt, answer), content_type="application/json")
 
 
 async def _stream(
-    request: web.Request, events: StreamEvents, answer: Answer, faults: Faults
+    request: web.Request,
+    events: StreamEvents,
+    answer: Answer,
+    faults: Faults,
+    reported: Callable[[], None],
 ) -> web.StreamResponse:
-    """Write the events one by one, each as soon as it is due, with the faults asked for."""
+    """Write the events one by one, each as soon as it is due, with the faults asked for;
+    `reported()` once the event carrying the usage has been written."""
     count = len(answer.pieces)
 
     def at(position: int | None) -> int | None:
@@ -228,8 +246,12 @@ async def _stream(
         await response.write(content_end)
     if not faults.no_finish:
         await response.write(events.finish())
+        if events.usage_event == "finish":
+            reported()
     if end := events.end(done=not faults.omit_done):
         await response.write(end)
+        if events.usage_event == "end":
+            reported()
     await response.write_eof()
     return response
 

@@ -325,3 +325,37 @@ async def test_inflight_returns_to_zero_when_the_client_leaves_mid_stream(
             await asyncio.sleep(0.02)
     assert scrape.value("resillm_inflight_requests") == 0
     assert scrape.value("resillm_requests_total", model="chat", provider="good", status="499") == 1
+
+
+async def test_upstream_connections_gauge_shows_the_pool_active_then_idle(
+    upstream: MockUpstream,
+) -> None:
+    config = config_for(upstream)
+    config["providers"]["good"]["headers"] = {"x-mock-chunks": "50", "x-mock-chunk-delay": "0.05"}
+    connections = "resillm_upstream_connections"
+
+    def pool(scrape: Scrape) -> tuple[float, float]:
+        return scrape.value(connections, state="active"), scrape.value(connections, state="idle")
+
+    async with gateway(config) as gw:
+        scrape = await gw.scrape()
+        assert scrape.types.get(connections) == "gauge"
+        assert pool(scrape) == (0, 0)
+        body = {"model": "chat", "messages": HELLO, "stream": True}
+        async with aiohttp.ClientSession() as client:
+            async with client.post(gw.url + "/v1/chat/completions", json=body) as response:
+                await response.content.readline()  # the stream has started: one in use
+                assert pool(await gw.scrape()) == (1, 0)
+                await response.read()
+        assert pool(await gw.scrape()) == (0, 1)  # it ended well: kept for reuse
+        async with aiohttp.ClientSession() as client:
+            response = await client.post(gw.url + "/v1/chat/completions", json=body)
+            await response.content.readline()
+            response.close()  # the client leaves mid-stream: the upstream connection is closed
+        deadline = time.monotonic() + 5.0
+        while True:
+            scrape = await gw.scrape()
+            if pool(scrape) == (0, 0) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+    assert pool(scrape) == (0, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
 from collections.abc import AsyncIterator
@@ -12,10 +13,17 @@ import anyio
 import msgspec
 import openai
 import pytest
+from aiohttp import web
 from anthropic.types import MessageParam, ToolParam
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
-from resillm.mock_upstream import MockUpstream, MockUpstreamOptions, start_mock_upstream
+from resillm.mock_upstream import (
+    MockUpstream,
+    MockUpstreamOptions,
+    app_stats,
+    build_mock_app,
+    start_mock_upstream,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -752,3 +760,70 @@ async def test_side_routes_and_stats(upstream: MockUpstream, http: aiohttp.Clien
     assert stats["requests"] == stats["completed"] == 1
     assert stats["last_request_json"] == body
     assert stats["last_headers"]["content-type"] == "application/json"
+
+
+async def test_stats_sum_the_usage_reported_per_model(
+    upstream: MockUpstream, http: aiohttp.ClientSession
+) -> None:
+    """Only usage actually written out counts: a JSON answer, an OpenAI stream's usage chunk
+    (when asked for), an Anthropic stream's message_delta; not a cut, a malformed body or a
+    stream that never got to its usage."""
+    url, claude_url = upstream.url + "/v1/chat/completions", upstream.url + "/v1/messages"
+    usage_stream: dict[str, object] = {"stream": True, "stream_options": {"include_usage": True}}
+    sent: list[tuple[str, dict[str, object], dict[str, str]]] = [
+        (url, {"model": "a"}, {}),
+        (url, {"model": "a", **usage_stream}, {}),
+        (url, {"model": "a", "stream": True}, {}),  # no usage asked for: none reported
+        (url, {"model": "a", **usage_stream}, {"x-mock-no-finish": "1"}),  # usage, no finish
+        (url, {"model": "a", **usage_stream}, {"x-mock-cut-after": "2"}),
+        (url, {"model": "a", **usage_stream}, {"x-mock-error-event-after": "2"}),
+        (url, {"model": "a"}, {"x-mock-malformed-at": "1"}),
+        (url, {"model": "a"}, {"x-mock-fail-status": "503"}),
+        (claude_url, {"model": "c", "max_tokens": 50, "stream": True}, {}),
+        (claude_url, {"model": "c", "max_tokens": 50, "stream": True}, {"x-mock-no-finish": "1"}),
+        (claude_url, {"model": "c", "max_tokens": 50}, {}),
+    ]
+    for target, fields, headers in sent:
+        body = {"messages": HELLO, **fields}
+        cut = "x-mock-cut-after" in headers
+        with pytest.raises(aiohttp.ClientPayloadError) if cut else contextlib.nullcontext():
+            async with http.post(target, json=body, headers=headers) as response:
+                await response.read()
+    prompt_tokens, completion_tokens = len(HELLO_TEXT) // 4, 8
+    async with http.get(upstream.url + "/_mock/stats") as response:
+        usage = (await response.json())["usage_by_model"]
+    assert usage == {
+        "a": {"answers": 3, "prompt_tokens": 3 * prompt_tokens, "completion_tokens": 24},
+        "c": {"answers": 2, "prompt_tokens": 2 * prompt_tokens, "completion_tokens": 16},
+    }
+    assert upstream.stats.usage_by_model["a"].completion_tokens == 3 * completion_tokens
+
+
+async def test_a_client_gone_before_the_handler_is_cancelled_logs_no_traceback(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without handler cancellation (or before it arrives), the mock finds out itself that
+    its client left: it counts the disconnection and ends quietly, not with a handler error."""
+    app = build_mock_app(MockUpstreamOptions())
+    runner = web.AppRunner(app, handler_cancellation=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/chat/completions"
+    try:
+        with pytest.raises(TimeoutError):
+            async with http.post(
+                url,
+                json={"model": "m", "messages": HELLO},
+                headers={"x-mock-hang": "1"},
+                timeout=aiohttp.ClientTimeout(total=0.2),
+            ):
+                pass
+        stats = app_stats(app)
+        with anyio.fail_after(2):
+            while stats.disconnected == 0:  # noqa: ASYNC110 - plain counters, polled
+                await anyio.sleep(0.01)
+        assert (stats.active, stats.completed) == (0, 0)
+    finally:
+        await runner.cleanup()
+    assert not [r for r in caplog.records if r.name == "aiohttp.server"]

@@ -177,3 +177,47 @@ async def test_a_target_refusing_the_prefill_leads_to_a_restart_the_client_never
     assert len({c.id for c in chunks}) == 1
     assert not any("prefill" in e for e in events)  # the refusal never reached the client
     assert events[-1] == "[DONE]"
+
+
+async def test_usage_of_a_continuation_that_failed_before_its_first_token_is_counted(
+    upstream: MockUpstream,
+) -> None:
+    """A stream without a finish reason still reports its usage; so does the continuation
+    sent back to the same target, which has nothing left to say and fails before any token.
+    That call cost the upstream's prompt too: it is in the usage, as every other call."""
+    expected, answer_usage = await full_answer(upstream)
+    config = two_targets(
+        upstream,
+        {"x-mock-no-finish": "1"},
+        prefill=True,
+        circuit_breaker={"failure_threshold": 5},  # the continuation goes to it again
+    )
+    async with run_gateway(config) as gw:
+        text, chunks = await sdk_stream(gw.url, stream_options={"include_usage": True})
+    assert text == expected
+    reported = upstream.stats.usage_by_model["m"]  # full_answer's call too
+    # The stream, the continuation that failed, the one that ended.
+    assert reported.answers == 1 + 3
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        reported.prompt_tokens - answer_usage.prompt_tokens,
+        reported.completion_tokens - answer_usage.completion_tokens,
+    )
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+async def test_a_continuation_asks_only_for_the_tokens_still_allowed(
+    upstream: MockUpstream, field: str
+) -> None:
+    async with run_gateway(two_targets(upstream, {"x-mock-cut-after": "3"}, prefill=True)) as gw:
+        text, chunks = await sdk_stream(gw.url, **{field: 6})
+        sent = upstream.stats.last_request_json
+    prefill = sent["messages"][-1]["content"]
+    assert sent["messages"][-1]["role"] == "assistant"
+    # Three words went by (about 5 tokens by the gateway's 4-characters estimate): the
+    # continuation may add only what is left of the 6, never 6 more.
+    assert sent[field] == max(1, 6 - estimate_tokens(len(prefill)))
+    assert sent[field] < 6
+    assert text.startswith(prefill)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"

@@ -722,6 +722,13 @@ def test_tab_indentation_is_reported_where_it_is(tmp_path: Path) -> None:
     assert (issue.line, issue.column) == (2, 1)
 
 
+@pytest.mark.parametrize("scalar", ["+_", "-_", "0x_"])
+def test_a_scalar_ruamel_slips_on_is_a_clean_error(tmp_path: Path, scalar: str) -> None:
+    # ruamel resolves "+_" as an int, then fails with IndexError converting it (fuzzing).
+    issue = only_issue(write(tmp_path, f"providers: {scalar}\n"))
+    assert "invalid YAML" in issue.message
+
+
 def test_duplicate_yaml_key_is_an_error(tmp_path: Path) -> None:
     issue = only_issue(write(tmp_path, MINIMAL + "server: {port: 1}\nserver: {port: 2}\n"))
     assert "duplicate" in issue.message
