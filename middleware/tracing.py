@@ -21,7 +21,6 @@ mid-way ends in error when the relay says so, and the recovery's attempt gets it
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +33,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 
+from middleware.tracing_export import GuardedExporter, shutdown_within
 from middleware.tracing_spans import PROPAGATOR, RequestSpans
 from resillm import __version__
 from resillm.asgi import ASGIApp, Message, Receive, Scope, Send, route_path
@@ -59,17 +59,25 @@ def signal_url(endpoint: str, path: str) -> str:
     return endpoint
 
 
+def export_url(config: TracingConfig) -> str | None:
+    """Where the configured exporter sends spans (``None`` for the console)."""
+    if config.exporter == "zipkin":
+        return signal_url(config.endpoint or ZIPKIN_DEFAULT_ENDPOINT, "/api/v2/spans")
+    if config.exporter == "otlp":
+        return signal_url(config.endpoint or OTLP_DEFAULT_ENDPOINT, "/v1/traces")
+    return None
+
+
 def build_exporter(config: TracingConfig) -> SpanExporter:
-    if config.exporter == "console":
+    url = export_url(config)
+    if url is None:
         return ConsoleSpanExporter()
     if config.exporter == "zipkin":
         from opentelemetry.exporter.zipkin.json import ZipkinExporter
 
-        url = signal_url(config.endpoint or ZIPKIN_DEFAULT_ENDPOINT, "/api/v2/spans")
         return ZipkinExporter(endpoint=url, timeout=EXPORT_TIMEOUT_S)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    url = signal_url(config.endpoint or OTLP_DEFAULT_ENDPOINT, "/v1/traces")
     return OTLPSpanExporter(endpoint=url, timeout=EXPORT_TIMEOUT_S)
 
 
@@ -87,7 +95,11 @@ class Tracing:
             resource=resource,
             shutdown_on_exit=False,  # the gateway's stop shuts it down
         )
-        self.provider.add_span_processor(BatchSpanProcessor(exporter or build_exporter(config)))
+        # Guarded: a collector that is down or hangs is logged once, never holds the stop.
+        self.exporter = GuardedExporter(
+            exporter or build_exporter(config), None if exporter else export_url(config)
+        )
+        self.provider.add_span_processor(BatchSpanProcessor(self.exporter))
         self.tracer = self.provider.get_tracer("resillm", __version__)
 
     def middleware(
@@ -99,8 +111,9 @@ class Tracing:
         return self.provider.force_flush()
 
     async def shutdown(self) -> None:
-        """Export what is buffered, then stop (blocking I/O: off the event loop)."""
-        await asyncio.to_thread(self.provider.shutdown)
+        """Export what is buffered, then stop: off the event loop, and for at most
+        ``tracing_export.SHUTDOWN_TIMEOUT_S`` (the rest is dropped, and logged)."""
+        await shutdown_within(self.provider, self.exporter)
 
 
 class TracingMiddleware:

@@ -5,6 +5,11 @@ scope, shared between instances with Redis); this module only delivers. Each del
 in its own background task, tries :data:`ATTEMPTS` times with a short backoff, and never
 blocks a request. Webhooks go through the gateway's shared aiohttp session; e-mail goes
 through ``smtplib`` in a worker thread.
+
+A delivery that fails every attempt (or is still running when the gateway stops, after
+:data:`DRAIN_TIMEOUT_S`) is given up with one error line naming the channel and the alert,
+never the URL or password. It is not sent again later: the threshold counts as crossed
+(the store marked it when it was reached), and later thresholds and windows fire as usual.
 """
 
 from __future__ import annotations
@@ -83,23 +88,33 @@ class AlertDispatcher:
         if config.email is not None:
             email = config.email
             deliveries.append(("email", partial(asyncio.to_thread, send_email, email, alert)))
+        what = alert.text().split(" (", 1)[0]
         for channel, deliver in deliveries:
-            task = asyncio.get_running_loop().create_task(self._deliver(channel, deliver))
+            task = asyncio.get_running_loop().create_task(self._deliver(channel, deliver, what))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, channel: str, deliver: Callable[[], Awaitable[None]]) -> None:
+    async def _deliver(
+        self, channel: str, deliver: Callable[[], Awaitable[None]], what: str
+    ) -> None:
+        try:
+            await self._attempts(channel, deliver, what)
+        except asyncio.CancelledError:
+            logger.error("budget alert via %s given up, the gateway is stopping: %s", channel, what)
+            raise
+
+    async def _attempts(
+        self, channel: str, deliver: Callable[[], Awaitable[None]], what: str
+    ) -> None:
         for attempt in range(ATTEMPTS):
             try:
                 await deliver()
             except (aiohttp.ClientError, TimeoutError, OSError, smtplib.SMTPException) as exc:
                 if attempt + 1 == ATTEMPTS:
                     logger.error(
-                        "budget alert via %s failed after %d attempts: %s",
-                        channel,
-                        ATTEMPTS,
-                        self._described(exc),
-                    )
+                        "budget alert via %s failed after %d attempts: %s; given up: %s",
+                        channel, ATTEMPTS, self._described(exc), what,
+                    )  # fmt: skip
                     return
                 logger.warning(
                     "budget alert via %s failed, retrying: %s", channel, self._described(exc)
@@ -112,6 +127,8 @@ class AlertDispatcher:
         """The failure without the webhook URLs or the SMTP password: they are credentials."""
         if isinstance(exc, aiohttp.ClientResponseError):  # its text carries the URL
             return f"HTTP {exc.status} {exc.message}"
+        if isinstance(exc, TimeoutError):  # aiohttp's connect timeout names the whole URL
+            return "no answer in time"
         text = str(exc) or type(exc).__name__
         c = self.config
         for secret in (c.webhook_url, c.slack_webhook_url, c.email and c.email.password):

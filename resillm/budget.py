@@ -31,7 +31,7 @@ from resillm.budget_store import (
     Crossing,
     MemoryBudgetStore,
     Meter,
-    SnapshotFile,
+    SnapshotKeeper,
     StoreUnavailable,
     Totals,
     Window,
@@ -126,6 +126,7 @@ class BudgetTracker:
         # The memory store never suspends, so settling needs no shield (no extra task).
         self.store_awaits = not isinstance(self.store, MemoryBudgetStore)
         self.alerts = AlertDispatcher(config.budget.alerts)
+        self.snapshots = SnapshotKeeper(on_error=self._snapshot_failed)
         self._task: asyncio.Task[None] | None = None
         self._spent_now: dict[str, int] = {}
         if metrics is not None:
@@ -167,34 +168,20 @@ class BudgetTracker:
         await self.store.aclose()
 
     async def load(self) -> None:
-        file = SnapshotFile(self.config.snapshot_path)
-        data = await asyncio.to_thread(file.read)
-        if data is None or not isinstance(self.store, MemoryBudgetStore):
-            return
-        try:
-            loaded = self.store.restore(data, self.clock())
-        except (msgspec.DecodeError, ValueError) as exc:
-            aside = await asyncio.to_thread(file.set_aside)
-            logger.error(
-                "budget snapshot %s is unreadable (%s): kept as %s; spend starts from 0",
-                file.path,
-                exc,
-                aside,
-            )
-            return
-        logger.info("budget snapshot %s: %d current window(s) loaded", file.path, loaded)
+        """An unreadable snapshot is set aside and logged, never an error (SnapshotKeeper)."""
+        if isinstance(self.store, MemoryBudgetStore):
+            await self.snapshots.load(self.store, self.config.snapshot_path, self.clock())
 
     async def save(self) -> None:
-        """Snapshot the memory store when it changed (and a limit makes it matter)."""
+        """Snapshot the memory store when it changed (and a limit makes it matter); a failed
+        write is logged, counted and retried, and never reaches a request."""
         store = self.store
-        if not isinstance(store, MemoryBudgetStore) or not self.persist or not store.dirty:
-            return
-        file = SnapshotFile(self.config.snapshot_path)
-        try:
-            await asyncio.to_thread(file.write, store.snapshot(self.clock()))
-        except OSError as exc:
-            store.dirty = True
-            logger.error("budget snapshot to %s failed: %s", file.path, exc)
+        if isinstance(store, MemoryBudgetStore) and self.persist and store.dirty:
+            await self.snapshots.save(store, self.config.snapshot_path, self.clock())
+
+    def _snapshot_failed(self, operation: str) -> None:
+        if self.metrics is not None:  # no request policy applies to the snapshot file
+            self.metrics.budget_store_errors.inc({"operation": operation, "policy": "none"})
 
     async def _background(self) -> None:
         while True:

@@ -11,11 +11,14 @@ exactly.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import functools
+import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
@@ -26,6 +29,8 @@ WindowKind = Literal["hour", "day"]
 _SECONDS: dict[WindowKind, int] = {"hour": 3600, "day": 86400}
 # Windows stay readable this long after they end, for late settlements and status reads.
 KEEP_AFTER_END_S = 3600
+SNAPSHOT_ERROR_LOG_EVERY_S = 60.0  # while snapshots keep failing, one error line this often
+logger = logging.getLogger("resillm.budget")
 
 
 @functools.lru_cache(maxsize=64)
@@ -263,11 +268,18 @@ class SnapshotFile:
         directory = self.path.parent
         directory.mkdir(parents=True, exist_ok=True)
         temporary = directory / f".{self.path.name}.{os.getpid()}.tmp"
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
+        try:
+            with open(temporary, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+        except OSError:
+            # Disk full, no permission: the old snapshot is untouched, and no half-written
+            # temporary is left behind to hold the space.
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
         fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -285,3 +297,66 @@ class SnapshotFile:
         aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
         os.replace(self.path, aside)
         return aside
+
+
+class SnapshotKeeper:
+    """Loads the memory store's snapshot at start and saves it; neither ever stops the
+    gateway or a request.
+
+    An unreadable snapshot (not JSON, an unknown version, no permission, a directory) is
+    set aside as ``*.corrupt-TIMESTAMP`` when it is a file, and spend starts from 0, with
+    an error logged. A write that fails (disk full, no permission, a directory that cannot
+    be made) leaves the last good snapshot as it was and the spend in memory; it is logged
+    when failures start, every :data:`SNAPSHOT_ERROR_LOG_EVERY_S` while they last and when
+    a write works again, counted through ``on_error``, and tried again at the next interval.
+    """
+
+    def __init__(self, on_error: Callable[[str], None]) -> None:
+        self.on_error = on_error  # called with "restore" or "snapshot"
+        self._failing = False
+        self._logged_at = 0.0
+
+    async def load(self, store: MemoryBudgetStore, path: str, now: float) -> None:
+        file = SnapshotFile(path)
+        try:
+            data = await asyncio.to_thread(file.read)
+            loaded = 0 if data is None else store.restore(data, now)
+        except (OSError, msgspec.DecodeError, ValueError) as exc:
+            self.on_error("restore")
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            logger.error(
+                "budget snapshot %s is unreadable (%s): %s; spend starts from 0",
+                file.path, reason, await self._set_aside(file),
+            )  # fmt: skip
+            return
+        if data is not None:
+            logger.info("budget snapshot %s: %d current window(s) loaded", file.path, loaded)
+
+    @staticmethod
+    async def _set_aside(file: SnapshotFile) -> str:
+        if not file.path.is_file():
+            return "left where it is"
+        try:
+            return f"kept as {await asyncio.to_thread(file.set_aside)}"
+        except OSError as exc:
+            return f"left where it is (it cannot be renamed: {exc.strerror})"
+
+    async def save(self, store: MemoryBudgetStore, path: str, now: float) -> None:
+        file = SnapshotFile(path)
+        try:
+            await asyncio.to_thread(file.write, store.snapshot(now))
+        except OSError as exc:
+            store.dirty = True  # tried again at the next interval
+            self.on_error("snapshot")
+            clock = time.monotonic()
+            if not self._failing or clock - self._logged_at >= SNAPSHOT_ERROR_LOG_EVERY_S:
+                logger.error(
+                    "budget snapshot to %s failed (%s): spend is kept in memory and the last "
+                    "snapshot as it was; retrying at each interval",
+                    file.path, exc.strerror or exc,
+                )  # fmt: skip
+                self._failing, self._logged_at = True, clock
+            return
+        if self._failing:
+            self._failing = False
+            logger.warning("budget snapshot to %s written again", file.path)

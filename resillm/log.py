@@ -25,6 +25,10 @@ import msgspec
 from resillm.config import LoggingConfig
 
 ACCESS_LOGGER = "resillm.access"
+# Libraries whose warnings `resillm serve` formats as its own lines: with no handler they
+# would reach stderr as bare text (logging.lastResort), in the middle of the JSON lines.
+LIBRARY_LOGGERS = ("opentelemetry",)
+LIBRARY_REPEAT_S = 60.0  # one line per message template this often: no retry-by-retry spam
 REQUEST_ID: ContextVar[str | None] = ContextVar("resillm_request_id", default=None)
 _encoder = msgspec.json.Encoder()
 _PLAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:/-+")
@@ -137,8 +141,28 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().close()
 
 
+class LibraryHandler(logging.Handler):
+    """Passes a library's warnings and errors to resillm's handler, each message template
+    at most once every ``every_s`` (the OpenTelemetry exporter logs every retry of every
+    batch while its collector is down; resillm.tracing says so once)."""
+
+    def __init__(self, target: logging.Handler, every_s: float = LIBRARY_REPEAT_S) -> None:
+        super().__init__(logging.WARNING)
+        self.target = target
+        self.every_s = every_s
+        self._last: dict[tuple[str, object], float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = (record.name, record.msg)
+        last = self._last.get(key)
+        if last is None or record.created - last >= self.every_s:
+            self._last[key] = record.created
+            self.target.handle(record)
+
+
 def configure_logging(config: LoggingConfig) -> None:
-    """Send resillm's records to stderr in the configured format (idempotent)."""
+    """Send resillm's records to stderr in the configured format, and the warnings of
+    :data:`LIBRARY_LOGGERS` too, rate-limited (idempotent)."""
     root = logging.getLogger("resillm")
     for handler in list(root.handlers):
         if getattr(handler, "_resillm", False):
@@ -155,3 +179,10 @@ def configure_logging(config: LoggingConfig) -> None:
     root.addHandler(handler)
     root.setLevel(config.level.upper())
     root.propagate = False
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        for old in [h for h in library.handlers if getattr(h, "_resillm", False)]:
+            library.removeHandler(old)
+        forward = LibraryHandler(handler)
+        forward._resillm = True  # type: ignore[attr-defined]
+        library.addHandler(forward)

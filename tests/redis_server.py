@@ -51,11 +51,12 @@ async def _answers_ping(port: int) -> bool:
 
 
 @asynccontextmanager
-async def redis_server() -> AsyncIterator[RedisServer]:
+async def redis_server(port: int | None = None) -> AsyncIterator[RedisServer]:
+    """A fresh, empty Redis; on ``port`` to bring one back where an earlier one was."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = _free_port()
+    port = port or _free_port()
     process = await asyncio.create_subprocess_exec(
         binary,
         "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

@@ -390,12 +390,15 @@ def test_json_format_holds_fields_and_exceptions() -> None:
 def restore_resillm_logger() -> Iterator[None]:
     logger = logging.getLogger("resillm")
     saved = (list(logger.handlers), logger.level, logger.propagate)
+    library = logging.getLogger("opentelemetry")  # configure_logging forwards its warnings
+    library_handlers = list(library.handlers)
     try:
         yield
     finally:
         logger.handlers[:] = saved[0]
         logger.setLevel(saved[1])
         logger.propagate = saved[2]
+        library.handlers[:] = library_handlers
 
 
 @pytest.mark.usefixtures("restore_resillm_logger")
