@@ -17,9 +17,9 @@ from typing import Any
 
 import aiohttp
 
-from resillm.hypercorn_fix import release_closed_connections
-from resillm.server import LISTEN_BACKLOG, bind_listener, run_loop
+from resillm.hypercorn_fix import release_closed_connections  # imports nothing of resillm
 
+LISTEN_BACKLOG = 2048  # as resillm.server's (not imported: the floor's memory is its own)
 MAX_CONNECTIONS = 2000
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -83,13 +83,13 @@ async def answer(send: Any, status: int, body: bytes, kind: bytes = b"applicatio
 
 
 def serve_hypercorn(app: Floor, port: int) -> None:
+    import uvloop
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
     release_closed_connections()
-    bind, _ = bind_listener("127.0.0.1", port)
     config = Config()
-    config.bind = [bind]
+    config.bind = [f"127.0.0.1:{port}"]
     config.accesslog = None
     config.backlog = LISTEN_BACKLOG
     config.keep_alive_timeout = 75.0
@@ -98,7 +98,7 @@ def serve_hypercorn(app: Floor, port: int) -> None:
     async def main() -> None:
         await serve(app, config)  # type: ignore[arg-type]
 
-    run_loop(main)
+    uvloop.run(main())
 
 
 def serve_uvicorn(app: Floor, port: int) -> None:

@@ -121,11 +121,20 @@ class _ChoiceParts:
         self.finish_reason: str | None = None
 
     def add(self, message: _MessageView, *, stream: bool) -> None:
+        # Appended in place: a copy per fragment would make a long answer quadratic.
         if message.content is not None:
-            self.content = [*(self.content or ()), message.content]
+            if self.content is None:
+                self.content = [message.content]
+            else:
+                self.content.append(message.content)
         if message.refusal is not None:
-            self.refusal = [*(self.refusal or ()), message.refusal]
-        for position, call in enumerate(message.tool_calls or ()):
+            if self.refusal is None:
+                self.refusal = [message.refusal]
+            else:
+                self.refusal.append(message.refusal)
+        if not message.tool_calls:
+            return
+        for position, call in enumerate(message.tool_calls):
             # A whole message lists its calls in order; stream fragments carry their index.
             parts = self.tools.setdefault(call.index if stream else position, _ToolParts())
             # Concatenated as the openai SDK does: id and name come whole, in the first one.
@@ -187,13 +196,21 @@ class AnswerRecorder:
             self._body.append(body)
             return
         for event in body.split(b"\n\n"):
-            if event.strip():
+            if event.startswith(b"data: ") and b"\n" not in event:
+                self._data(event[6:])  # what the relay sends: one line, one event
+            elif event.strip():
                 self._event(event)
 
     def _event(self, event: bytes) -> None:
-        data = b"\n".join(
-            line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")
+        self._data(
+            b"\n".join(
+                line[5:].removeprefix(b" ")
+                for line in event.splitlines()
+                if line.startswith(b"data:")
+            )
         )
+
+    def _data(self, data: bytes) -> None:
         if not data:
             return  # a comment or keep-alive
         if data == b"[DONE]":
@@ -216,7 +233,9 @@ class AnswerRecorder:
         self._usage = view.usage or self._usage
         self._fingerprint = view.system_fingerprint or self._fingerprint
         for choice in view.choices:
-            parts = self._choices.setdefault(choice.index, _ChoiceParts())
+            parts = self._choices.get(choice.index)
+            if parts is None:  # not setdefault: that would build a spare one per chunk
+                parts = self._choices[choice.index] = _ChoiceParts()
             message = choice.delta if stream else choice.message
             if message is not None:
                 parts.add(message, stream=stream)
