@@ -132,6 +132,8 @@ class BudgetTracker:
         if metrics is not None:
             metrics.on_render(self._push_gauge)
         self._store_down_logged_at: float | None = None
+        self._meters_hour = -1  # meters() memo: this hour's, by client key name
+        self._meters: dict[str | None, tuple[Meter, ...]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -150,6 +152,7 @@ class BudgetTracker:
         self.config = new
         self.persist = has_limits(config)
         self.alerts.config = new.alerts
+        self._meters_hour = -1  # the limits may have changed
 
     async def start(self, session: aiohttp.ClientSession | None = None) -> None:
         self.alerts.session = session
@@ -191,7 +194,18 @@ class BudgetTracker:
 
     # -- requests -------------------------------------------------------------------------
 
-    def meters(self, key: ClientKeyConfig | None, now: float) -> list[Meter]:
+    def meters(self, key: ClientKeyConfig | None, now: float) -> tuple[Meter, ...]:
+        """The windows a request of ``key`` counts in, built once an hour per key."""
+        hour = int(now // 3600)
+        if hour != self._meters_hour:
+            self._meters_hour, self._meters = hour, {}
+        name = key.name if key is not None else None
+        found = self._meters.get(name)
+        if found is None:
+            found = self._meters[name] = tuple(self._build_meters(key, now))
+        return found
+
+    def _build_meters(self, key: ClientKeyConfig | None, now: float) -> list[Meter]:
         hour, day = Window.containing("hour", now), Window.containing("day", now)
         config = self.config
         meters = [

@@ -68,10 +68,10 @@ class Meter:
     scope: str  # "global" or "key:NAME"
     window: Window
     limit: int | None
+    key: str = field(init=False, repr=False, compare=False)  # the store's name for it
 
-    @property
-    def key(self) -> str:
-        return f"{self.scope}:{self.window.id}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.scope}:{self.window.id}")
 
 
 class Totals(NamedTuple):
