@@ -17,13 +17,8 @@ server-wide by `MockUpstreamOptions` or per request by `x-mock-*` headers (see `
 from __future__ import annotations
 
 from resillm.mock_upstream.options import MockUpstreamOptions, MockUpstreamStats
-from resillm.mock_upstream.server import (
-    MockUpstream,
-    app_stats,
-    build_mock_app,
-    run_mock_upstream,
-    start_mock_upstream,
-)
+from resillm.mock_upstream.running import MockUpstream, run_mock_upstream, start_mock_upstream
+from resillm.mock_upstream.server import app_stats, build_mock_app
 
 __all__ = [
     "MockUpstream",
