@@ -110,6 +110,12 @@ class AlertDispatcher:
             try:
                 await deliver()
             except (aiohttp.ClientError, TimeoutError, OSError, smtplib.SMTPException) as exc:
+                if _refused(exc):
+                    logger.error(
+                        "budget alert via %s refused (%s), not retried; given up: %s",
+                        channel, self._described(exc), what,
+                    )  # fmt: skip
+                    return
                 if attempt + 1 == ATTEMPTS:
                     logger.error(
                         "budget alert via %s failed after %d attempts: %s; given up: %s",
@@ -155,6 +161,16 @@ class AlertDispatcher:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+
+
+def _refused(exc: BaseException) -> bool:
+    """A 4xx answer (but 408 and 429) says the request itself is wrong: a wrong URL or
+    token. Sending it again would only be refused again."""
+    return (
+        isinstance(exc, aiohttp.ClientResponseError)
+        and 400 <= exc.status < 500
+        and exc.status not in (408, 429)
+    )
 
 
 def send_email(config: EmailAlertConfig, alert: BudgetAlert) -> None:

@@ -46,22 +46,23 @@ def hook(base: str) -> str:
 class Flaky:
     """A webhook receiver that answers 500 to its first ``failures`` requests."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, status: int = 500) -> None:
         self.failures = failures
+        self.status = status
         self.attempts: list[float] = []
         self.received: list[dict[str, Any]] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         self.attempts.append(time.monotonic())
         if len(self.attempts) <= self.failures:
-            return web.Response(status=500, text=f"broken, see {request.url}")
+            return web.Response(status=self.status, text=f"broken, see {request.url}")
         self.received.append(await request.json())
         return web.Response(text="ok")
 
 
 @asynccontextmanager
-async def flaky_webhook(failures: int) -> AsyncIterator[tuple[str, Flaky]]:
-    flaky = Flaky(failures)
+async def flaky_webhook(failures: int, status: int = 500) -> AsyncIterator[tuple[str, Flaky]]:
+    flaky = Flaky(failures, status)
     app = web.Application()
     app.router.add_post(SECRET_PATH, flaky.handle)
     runner = web.AppRunner(app)
@@ -129,6 +130,21 @@ async def test_a_failing_webhook_is_tried_three_times_then_given_up(
         # Both alerts start together; their retries come 0.5 s, then 2 s more, later.
         tries = sorted(flaky.attempts)
         assert tries[2] - tries[0] >= 0.45 and tries[4] - tries[0] >= 2.4, tries
+    assert_no_secret(caplog)
+
+
+async def test_a_webhook_that_refuses_the_alert_is_not_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="resillm")
+    async with flaky_webhook(failures=1000, status=404) as (base, flaky):  # a wrong URL
+        async with run_gateway(alerting(tmp_path, webhook_url=hook(base))) as gw:
+            await timed_posts(gw.url, 4)  # crosses 50%, then 100%
+            await wait_for_lines(caplog, "given up", 2)
+    assert len(flaky.attempts) == 2  # one per alert
+    refused = alert_lines(caplog, "given up")
+    assert all("refused (HTTP 404 Not Found), not retried" in line for line in refused)
+    assert not alert_lines(caplog, "retrying")
     assert_no_secret(caplog)
 
 
