@@ -29,7 +29,7 @@ import asyncio
 from typing import Any
 
 _PATCHED = "_resillm_frees_closed_connections"
-_close_timeout: list[float | None] = [None]  # the latest server.send_timeout
+_close_timeout: float | None = None  # the latest server.send_timeout
 
 
 def release_closed_connections(close_timeout: float | None = None) -> None:
@@ -38,7 +38,8 @@ def release_closed_connections(close_timeout: float | None = None) -> None:
     ``close_timeout``: the longest wait for a closing connection's client to take what is
     buffered (``None``: no limit). Guarded by ``tests/integration/test_memory_mechanisms.py``
     and ``test_stalled_readers.py``: should hypercorn change these internals, they say so."""
-    _close_timeout[0] = close_timeout
+    global _close_timeout
+    _close_timeout = close_timeout
     from hypercorn.asyncio.tcp_server import TCPServer
 
     read_data = getattr(TCPServer, "_read_data", None)
@@ -57,7 +58,7 @@ def release_closed_connections(close_timeout: float | None = None) -> None:
     async def _close(self: Any) -> None:
         try:
             # hypercorn's close takes a cancellation as "already closed" and returns.
-            await asyncio.wait_for(close(self), _close_timeout[0])
+            await asyncio.wait_for(close(self), _close_timeout)
         finally:
             writer = getattr(self, "writer", None)
             if writer is not None:

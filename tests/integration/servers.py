@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from resillm.asgi import ASGIApp
 from resillm.config_loader import config_from_dict
@@ -53,6 +54,24 @@ async def serve_with(kind: str, app: ASGIApp, config: dict[str, Any]) -> AsyncIt
     else:
         async with serve_asgi(app, config) as url:
             yield url
+
+
+@asynccontextmanager
+async def serve_web(app: web.Application) -> AsyncIterator[str]:
+    """Serve an aiohttp app (a fake upstream, a webhook) on an ephemeral loopback port;
+    yield its base URL."""
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+def hypercorn_connections() -> int:
+    """Connections the in-process hypercorn is serving (one task each)."""
+    return sum(1 for t in asyncio.all_tasks() if "_server_callback" in t.get_coro().__qualname__)
 
 
 def address(url: str) -> tuple[str, int]:

@@ -26,6 +26,7 @@ from aiohttp import web
 import resillm.alerts
 from tests.conftest import run_gateway
 from tests.integration.down_servers import closed_port, hanging_server
+from tests.integration.servers import serve_web
 from tests.integration.test_budget import budget_config, post
 
 pytestmark = pytest.mark.anyio
@@ -65,14 +66,8 @@ async def flaky_webhook(failures: int, status: int = 500) -> AsyncIterator[tuple
     flaky = Flaky(failures, status)
     app = web.Application()
     app.router.add_post(SECRET_PATH, flaky.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", flaky
-    finally:
-        await runner.cleanup()
+    async with serve_web(app) as url:
+        yield url, flaky
 
 
 async def timed_posts(url: str, count: int) -> list[float]:

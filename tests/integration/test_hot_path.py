@@ -15,6 +15,7 @@ from aiohttp import web
 
 from resillm.app import create_app
 from tests.conftest import run_gateway
+from tests.integration.servers import serve_web
 
 pytestmark = pytest.mark.anyio
 
@@ -56,15 +57,8 @@ async def upstream_url() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        await runner.cleanup()
+    async with serve_web(app) as url:
+        yield url + "/v1"
 
 
 def config(upstream_url: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import pytest
 
 from resillm.mock_upstream import MockUpstream, MockUpstreamOptions, start_mock_upstream
 from tests.conftest import run_gateway
+from tests.integration.servers import hypercorn_connections
 
 pytestmark = pytest.mark.anyio
 
@@ -182,19 +183,12 @@ def _describe(obj: Any) -> str:
     return type(obj).__name__
 
 
-def server_connections() -> int:
-    """Connections hypercorn is serving in this process (one task each)."""
-    return sum(
-        1 for task in asyncio.all_tasks() if "_server_callback" in task.get_coro().__qualname__
-    )
-
-
 async def test_a_connection_the_client_closed_is_released_at_once(
     gateway: tuple[str, aiohttp.ClientSession],
 ) -> None:
     url, _ = gateway  # keep_alive_timeout is the default, 75 s
     host, port = url.removeprefix("http://").split(":")
-    before = server_connections()
+    before = hypercorn_connections()
     for _ in range(20):
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n")
@@ -203,7 +197,7 @@ async def test_a_connection_the_client_closed_is_released_at_once(
         writer.close()  # keep-alive: the server would hold it, idle, for 75 s
         await writer.wait_closed()
     for _ in range(100):
-        if server_connections() <= before:
+        if hypercorn_connections() <= before:
             break
         await asyncio.sleep(0.05)
-    assert server_connections() <= before, "closed connections are still being held"
+    assert hypercorn_connections() <= before, "closed connections are still being held"

@@ -26,7 +26,14 @@ from aiohttp import web
 
 from resillm.app import create_app
 from resillm.log import ACCESS_LOGGER
-from tests.integration.servers import SERVERS, address, chat_request, serve_with
+from tests.integration.servers import (
+    SERVERS,
+    address,
+    chat_request,
+    hypercorn_connections,
+    serve_web,
+    serve_with,
+)
 
 pytestmark = pytest.mark.anyio
 CONTENT = "x" * 1000
@@ -74,16 +81,9 @@ async def flood() -> AsyncIterator[Flood]:
     upstream = Flood()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", upstream.handle)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    upstream.url = f"http://127.0.0.1:{port}/v1"
-    try:
+    async with serve_web(app) as url:
+        upstream.url = url + "/v1"
         yield upstream
-    finally:
-        await runner.cleanup()
 
 
 def gateway_config(upstream: Flood, send_timeout: str | None) -> dict[str, Any]:
@@ -211,17 +211,12 @@ async def test_the_connection_of_a_client_cut_off_is_dropped_too(flood: Flood) -
             await asyncio.wait_for(flood.gone.wait(), 15)
             # The cut, then 1 s of waiting for the client to take the rest; it never reads.
             for _ in range(100):
-                if not server_connections():
+                if not hypercorn_connections():
                     break
                 await asyncio.sleep(0.1)
-            assert not server_connections(), "the server still holds the stalled connection"
+            assert not hypercorn_connections(), "the server still holds the stalled connection"
         finally:
             client.close()
-
-
-def server_connections() -> int:
-    """Connections hypercorn is serving in this process (one task each)."""
-    return sum(1 for t in asyncio.all_tasks() if "_server_callback" in t.get_coro().__qualname__)
 
 
 @pytest.mark.parametrize("server", SERVERS)

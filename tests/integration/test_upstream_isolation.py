@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import run_gateway
+from tests.integration.servers import serve_web
 
 pytestmark = pytest.mark.anyio
 
@@ -41,16 +42,9 @@ async def cookie_setting_upstream() -> AsyncIterator[tuple[str, list[str | None]
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve_web(app) as url:
         # A host name: cookies set by a bare IP address are ignored by default anyway.
-        yield f"http://localhost:{port}/v1", seen
-    finally:
-        await runner.cleanup()
+        yield url.replace("127.0.0.1", "localhost") + "/v1", seen
 
 
 async def test_an_upstream_cookie_is_never_sent_with_another_request(
