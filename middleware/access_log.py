@@ -51,33 +51,33 @@ class AccessLogMiddleware:
         if scope["type"] != "http" or (not self.config.log_requests and self.recent is None):
             await self.app(scope, receive, send)
             return
-        status = 0
-        capture = self.config.log_responses
         response: list[bytes] | None = None
+        downstream = send
+        if self.config.log_responses:  # only then is the answer itself recorded
 
-        async def send_recording_status(message: Message) -> None:
-            nonlocal status, response
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                if capture and _is_json(message):
-                    response = []
-            elif response is not None and message["type"] == "http.response.body":
-                response.append(message.get("body", b""))
-            await send(message)
+            async def send_recording(message: Message) -> None:
+                nonlocal response
+                if message["type"] == "http.response.start":
+                    if _is_json(message):
+                        response = []
+                elif response is not None and message["type"] == "http.response.body":
+                    response.append(message.get("body", b""))
+                await send(message)
 
-        error: str | None = None
+            downstream = send_recording
+        status, error = 0, None  # the error's, for a request that raised
         try:
-            await self.app(scope, receive, send_recording_status)
+            await self.app(scope, receive, downstream)
         except GatewayError as exc:
-            status, error = status or exc.status, exc.message
+            status, error = exc.status, exc.message
             raise
         except BaseException as exc:
-            status, error = status or 500, type(exc).__name__
+            status, error = 500, type(exc).__name__
             raise
         finally:
             ctx: RequestContext | None = scope.get(SCOPE_KEY)
             if ctx is not None:
-                ctx.status = ctx.status or status
+                ctx.status = ctx.status or ctx.response_status or status
                 ctx.error = ctx.error or error
                 logged = self.log(scope, ctx, response) if self.config.log_requests else None
                 if self.recent is not None:
@@ -121,7 +121,7 @@ class AccessLogMiddleware:
         elif ctx.body:
             out["request_body"] = _body_value(ctx.body, pii=pii, secrets=secrets)
         if ctx.streamed is not None:
-            text = "".join(ctx.streamed)
+            text = ctx.streamed.decode()
             out["response_text"] = redact_string(text, pii=pii, secrets=secrets)
         elif response:
             body = response[0] if len(response) == 1 else b"".join(response)

@@ -17,7 +17,7 @@ import asyncio
 
 from middleware.request import CHAT_COMPLETIONS
 from resillm.asgi import ASGIApp, Message, Receive, Scope, Send
-from resillm.budget import BudgetTracker
+from resillm.budget import Admission, BudgetTracker
 from resillm.context import RequestContext
 from resillm.pricing import PriceBook, cost_nano_usd, to_usd
 from resillm.usage import estimate_tokens, prompt_chars
@@ -49,38 +49,12 @@ class BudgetMiddleware:
             return
         estimate = self.estimate(ctx) if self.tracker.persist else 0
         admission = await self.tracker.admit(ctx.client_key, estimate)
-        warning = admission.warning
-        header = None if warning is None else (WARNING_HEADER, warning.encode("latin-1", "replace"))
-        settled = False
-
-        async def settle() -> None:
-            nonlocal settled
-            settled = True
-            cost = self.cost(ctx)
-            ctx.cost = None if cost is None else to_usd(cost)
-            settling = self.tracker.settle(admission, cost)
-            if self.tracker.store_awaits:
-                # Shielded: a second cancellation (server shutdown) must not lose the spend.
-                await asyncio.shield(settling)
-            else:
-                await settling  # runs to its end without suspending: nothing to cancel
-
-        async def send_settling_first(message: Message) -> None:
-            if message["type"] == "http.response.start" and header is not None:
-                message["headers"] = [*message.get("headers", ()), header]
-            elif (
-                message["type"] == "http.response.body"
-                and not message.get("more_body")
-                and not settled
-            ):
-                await settle()  # before the client sees the end: it reads its own spend
-            await send(message)
-
+        settlement = _Settlement(self, ctx, admission, send)
         try:
-            await self.app(scope, receive, send_settling_first)
+            await self.app(scope, receive, settlement.send)
         finally:
-            if not settled:
-                await settle()
+            if not settlement.settled:
+                await settlement.settle()
 
     def estimate(self, ctx: RequestContext) -> int:
         """The reservation, in nano-dollars."""
@@ -108,3 +82,46 @@ class BudgetMiddleware:
         if price is None:
             return 0
         return cost_nano_usd(price, usage.prompt_tokens, usage.completion_tokens)
+
+
+class _Settlement:
+    """One request's reservation: settled with the real cost just before the response's
+    last body message, or when the request ends without one. Its ``send`` adds the warning
+    header under ``action: warn``."""
+
+    __slots__ = ("admission", "ctx", "gate", "inner", "settled")
+
+    def __init__(
+        self, gate: BudgetMiddleware, ctx: RequestContext, admission: Admission, send: Send
+    ) -> None:
+        self.gate = gate
+        self.ctx = ctx
+        self.admission = admission
+        self.inner = send
+        self.settled = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            warning = self.admission.warning
+            if warning is not None:
+                header = (WARNING_HEADER, warning.encode("latin-1", "replace"))
+                message["headers"] = [*message.get("headers", ()), header]
+        elif (
+            message["type"] == "http.response.body"
+            and not message.get("more_body")
+            and not self.settled
+        ):
+            await self.settle()  # before the client sees the end: it reads its own spend
+        await self.inner(message)
+
+    async def settle(self) -> None:
+        self.settled = True
+        ctx, tracker = self.ctx, self.gate.tracker
+        cost = self.gate.cost(ctx)
+        ctx.cost = None if cost is None else to_usd(cost)
+        settling = tracker.settle(self.admission, cost)
+        if tracker.store_awaits:
+            # Shielded: a second cancellation (server shutdown) must not lose the spend.
+            await asyncio.shield(settling)
+        else:
+            await settling  # runs to its end without suspending: nothing to cancel

@@ -230,7 +230,7 @@ class CacheMiddleware:
         )
         ctx.ttft_s = time.monotonic() - ctx.started
         if answer.choices:
-            ctx.streamed = [answer.choices[0].content or ""]  # for the access log
+            ctx.streamed = bytearray((answer.choices[0].content or "").encode())  # access log
         last = len(events) - 1
         for position, event in enumerate(events):
             await send({"type": "http.response.body", "body": event, "more_body": position < last})

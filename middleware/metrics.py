@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from resillm.asgi import ASGIApp, Message, Receive, Scope, Send
+from resillm.asgi import ASGIApp, Receive, Scope, Send
 from resillm.context import SCOPE_KEY, RequestContext
 from resillm.errors import GatewayError
 from resillm.metrics import NONE, Metrics
@@ -32,32 +32,26 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         metrics = self.metrics
-        status = 0
-
-        async def send_recording_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        status = 0  # the error's, for a request that raised before its response started
         started = time.monotonic()
         metrics.inflight.inc({})
         try:
-            await self.app(scope, receive, send_recording_status)
+            await self.app(scope, receive, send)
         except GatewayError as exc:
-            status = status or exc.status
+            status = exc.status
             raise
         except BaseException:
-            status = status or 500
+            status = 500
             raise
         finally:
             metrics.inflight.dec({})
             ctx: RequestContext | None = scope.get(SCOPE_KEY)
             if ctx is not None:
                 duration_s = time.monotonic() - started
-                record(metrics, ctx, ctx.status or status, duration_s)
+                status = ctx.status or ctx.response_status or status
+                record(metrics, ctx, status, duration_s)
                 if self.observe is not None:
-                    self.observe(ctx.status or status, duration_s, ctx.fallbacks)
+                    self.observe(status, duration_s, ctx.fallbacks)
 
 
 def record(metrics: Metrics, ctx: RequestContext, status: int, duration_s: float) -> None:

@@ -73,31 +73,23 @@ class RequestMiddleware:
         scope[SCOPE_KEY] = ctx
         token = REQUEST_ID.set(request_id)  # every log record of this request carries it
         try:
-            await self.handle(ctx, scope, receive, send)
+            if scope["method"] == "POST":
+                try:
+                    async with asyncio.timeout(self.body_timeout):
+                        ctx.body = await self.read_body(scope, receive)
+                except ClientDisconnected:
+                    ctx.status = 499
+                    return
+                except TimeoutError:
+                    seconds = f"{self.body_timeout:g}s"
+                    raise RequestTimeout(
+                        f"the request body did not arrive within {seconds}"
+                    ) from None
+                if ctx.route == CHAT_COMPLETIONS:
+                    parse_chat_request(ctx)
+            await self.app(scope, receive, responding(ctx, send))
         finally:
             REQUEST_ID.reset(token)
-
-    async def handle(self, ctx: RequestContext, scope: Scope, receive: Receive, send: Send) -> None:
-        id_header = (b"x-request-id", ctx.request_id.encode())
-
-        async def send_with_request_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), id_header]
-            await send(message)
-
-        if scope["method"] == "POST":
-            try:
-                async with asyncio.timeout(self.body_timeout):
-                    ctx.body = await self.read_body(scope, receive)
-            except ClientDisconnected:
-                ctx.status = 499
-                return
-            except TimeoutError:
-                seconds = f"{self.body_timeout:g}s"
-                raise RequestTimeout(f"the request body did not arrive within {seconds}") from None
-            if ctx.route == CHAT_COMPLETIONS:
-                parse_chat_request(ctx)
-        await self.app(scope, receive, send_with_request_id)
 
     async def read_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.max_request_bytes
@@ -118,6 +110,22 @@ class RequestMiddleware:
                 parts.append(chunk)
             if not message.get("more_body", False):
                 return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def responding(ctx: RequestContext, send: Send) -> Send:
+    """``send`` that adds ``x-request-id`` to the response and notes its status in the
+    context: the one wrapper every response passes, so the layers outside (errors, metrics,
+    access log) read whether and how the response started there instead of each wrapping
+    ``send`` again (a closure per layer per request, and a call per layer per chunk)."""
+
+    async def send_with_request_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            ctx.response_status = message["status"]
+            id_header = (b"x-request-id", ctx.request_id.encode())
+            message["headers"] = [*message.get("headers", ()), id_header]
+        await send(message)
+
+    return send_with_request_id
 
 
 def parse_chat_request(ctx: RequestContext) -> None:

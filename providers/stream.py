@@ -97,6 +97,7 @@ class UpstreamChunkStream:
         return self
 
     async def __anext__(self) -> Chunk:
+        # One frame for the wait (the read is inline): a held stream waits here.
         while not self._pending:
             if self._ended:
                 if self._failure is not None:
@@ -108,30 +109,30 @@ class UpstreamChunkStream:
                     finally:
                         del failure
                 raise StopAsyncIteration
-            await self._read()
-        return self._pending.pop(0)
-
-    async def _read(self) -> None:
-        try:
-            with upstream_errors(self.provider, self.model):
-                async with asyncio.timeout(self._idle_s if self._started else None):
-                    data = await self._response.content.readany()
-        except UpstreamError as exc:
-            if isinstance(exc, UpstreamTimeout) and self.finished:
-                # Silence after the finish reason: only usage or [DONE] is missing, and the
-                # answer itself is whole. End it rather than fail it.
-                self._ended = True
-                self._close_response(reuse=False)
-            else:
+            try:
+                with upstream_errors(self.provider, self.model):
+                    if self._started and self._idle_s is not None:
+                        async with asyncio.timeout(self._idle_s):
+                            data = await self._response.content.readany()
+                    else:  # the first token's wait is the router's to bound
+                        data = await self._response.content.readany()
+            except UpstreamError as exc:
+                if isinstance(exc, UpstreamTimeout) and self.finished:
+                    # Silence after the finish reason: only usage or [DONE] is missing, and
+                    # the answer itself is whole. End it rather than fail it.
+                    self._ended = True
+                    self._close_response(reuse=False)
+                else:
+                    self.fail(exc)
+                continue
+            try:
+                self.consume(data)
+            except UpstreamError as exc:
                 self.fail(exc)
-            return
-        try:
-            self.consume(data)
-        except UpstreamError as exc:
-            self.fail(exc)
-            return
-        if not data and not self._ended:
-            self.end()
+                continue
+            if not data and not self._ended:
+                self.end()
+        return self._pending.pop(0)
 
     def _close_response(self, *, reuse: bool) -> None:
         if self._closed:

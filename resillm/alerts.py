@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import smtplib
 import ssl
 from collections.abc import Awaitable, Callable
-from email.message import EmailMessage
 from functools import partial
 
 import aiohttp
@@ -109,7 +107,8 @@ class AlertDispatcher:
         for attempt in range(ATTEMPTS):
             try:
                 await deliver()
-            except (aiohttp.ClientError, TimeoutError, OSError, smtplib.SMTPException) as exc:
+            # smtplib's SMTPException is an OSError
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 if _refused(exc):
                     logger.error(
                         "budget alert via %s refused (%s), not retried; given up: %s",
@@ -175,6 +174,9 @@ def _refused(exc: BaseException) -> bool:
 
 def send_email(config: EmailAlertConfig, alert: BudgetAlert) -> None:
     """Blocking: one message over SMTP (implicit TLS, STARTTLS or plain), in a thread."""
+    import smtplib  # only where email alerts are configured, and only once one fires
+    from email.message import EmailMessage
+
     message = EmailMessage()
     message["Subject"] = alert.text().split(" (", 1)[0]
     message["From"] = config.from_

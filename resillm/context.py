@@ -34,6 +34,7 @@ class RequestContext:
         "recoveries",
         "request",
         "request_id",
+        "response_status",
         "retries",
         "route",
         "started",
@@ -70,13 +71,15 @@ class RequestContext:
         self.cost: float | None = None
         self.usage: Usage | None = None
         self.ttft_s: float | None = None
-        self.status = 0
+        self.status = 0  # the final status, where it is not the response's (499, 408)
+        self.response_status = 0  # the status the response started with; 0 until then
         self.error: str | None = None
         self.cache: str | None = None
         # Set by the tracing layer when tracing is on; the failover loop checks it per attempt.
         self.tracer: RequestTracer | None = None
-        # The text of choice 0 a stream delivered (the relay's own list, for the access log).
-        self.streamed: list[str] | None = None
+        # The text of choice 0 a stream delivered, as UTF-8 (the relay's own buffer, for the
+        # access log).
+        self.streamed: bytearray | None = None
 
     @staticmethod
     def of(scope: MutableMapping[str, Any]) -> RequestContext:

@@ -100,6 +100,7 @@ class StreamRelay:
         *,
         recovery: bool,
         send: Send,
+        opened: tuple[Target, OpenStream, Headers],
     ) -> None:
         self.ctx = ctx
         self.call = call
@@ -107,8 +108,11 @@ class StreamRelay:
         self.opener = opener
         self.recovery = recovery
         self.send = send
-        self.parts: list[str] = []  # content of choice 0 the client received
-        ctx.streamed = self.parts  # the access log joins it only with logging.log_responses
+        self.opened: tuple[Target, OpenStream, Headers] | None = opened  # run() takes it
+        # The content of choice 0 the client received, as UTF-8: one buffer rather than a
+        # string per chunk (a held stream holds it whole).
+        self.delivered = bytearray()
+        ctx.streamed = self.delivered  # the access log reads it with logging.log_responses
         self.tool_call = False
         self.call_usage: Usage | None = None
         self.call_chars = 0
@@ -121,21 +125,27 @@ class StreamRelay:
         self.outbox: list[bytes] = []
         self.sends = 0
 
-    async def run(self, target: Target, opened: OpenStream, headers: Headers) -> None:
-        """Relay ``opened`` (and what recovers it). The failover loop left each target's
-        circuit unsettled: a stream is a success only once it ends well, so a target whose
-        streams keep dying mid-way does open its circuit."""
+    async def run(self) -> None:
+        """Relay the opened stream (and what recovers it). The failover loop left each
+        target's circuit unsettled: a stream is a success only once it ends well, so a
+        target whose streams keep dying mid-way does open its circuit."""
+        assert self.opened is not None
+        (target, opened, headers), self.opened = self.opened, None
         self.first_data = opened.head[0].data
         settled = False
         try:
             await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+            del headers
             while True:
                 try:
                     for chunk in opened.head:
                         self.forward(chunk)
+                    # The head is sent: a held stream does not hold its chunks any longer.
+                    opened = opened._replace(head=())
                     await self.flush_unless_more(opened.stream)
                     async for chunk in opened.chunks:
                         self.forward(chunk)
+                        del chunk  # not held while the next one is awaited
                         await self.flush_unless_more(opened.stream)
                     break
                 except UpstreamError as exc:
@@ -179,7 +189,8 @@ class StreamRelay:
             if content is None:
                 return
             data, text = self.rewrite(chunk, content), content
-        self.parts.append(text)
+        if text:
+            self.delivered += text.encode()
         self.call_chars += len(text)
         self.tool_call = self.tool_call or chunk.tool_call
         self.outbox.append(encode_data(data))
@@ -227,7 +238,7 @@ class StreamRelay:
         ctx = self.ctx
         if not self.recovery or self.tool_call or len(ctx.recoveries) >= MAX_RECOVERIES:
             return None
-        delivered = "".join(self.parts)
+        delivered = self.delivered.decode()
         prefill = delivered.rstrip()
         candidates = [t for t in (failed, *self.chain) if t.prefill]
         candidates = list(dict.fromkeys(candidates))  # the failed target first, each once

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from functools import partial
 
 from providers.base import Chunk, Completion, UpstreamCall
-from resillm.asgi import JSON_CONTENT_TYPE, Headers, Receive, Scope, Send
+from resillm.asgi import JSON_CONTENT_TYPE, Headers, Message, Receive, Scope, Send
 from resillm.balance import Balancer, CostOf
 from resillm.config import ResilienceConfig
 from resillm.context import RequestContext
@@ -25,6 +25,7 @@ from resillm.errors import (
     UpstreamTimeout,
 )
 from resillm.failover import Failover
+from resillm.hypercorn_lean import Mailbox
 from resillm.relay import OpenStream, StreamRelay
 from resillm.targets import Route, Target
 from resillm.usage import add_usage, estimate_tokens, prompt_chars
@@ -39,27 +40,44 @@ SSE_HEADERS: Headers = [
 
 class DisconnectWatch:
     """Cancels the request's task when the client disconnects (hypercorn says so only as
-    ``http.disconnect`` on ``receive``)."""
+    ``http.disconnect`` on ``receive``).
 
-    __slots__ = ("_watcher", "disconnected")
+    Under ``resillm serve`` with hypercorn, ``receive`` is a :class:`Mailbox`'s, which hands
+    each event to the watch as it arrives; elsewhere a task waits on ``receive``."""
+
+    __slots__ = ("_mailbox", "_task", "_watcher", "disconnected")
 
     def __init__(self, receive: Receive, task: asyncio.Task[object]) -> None:
         self.disconnected = False
-        self._watcher: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
-            self._watch(receive, task)
-        )
+        self._task: asyncio.Task[object] | None = task
+        self._watcher: asyncio.Task[None] | None = None
+        mailbox = getattr(receive, "__self__", None)
+        self._mailbox = mailbox if isinstance(mailbox, Mailbox) else None
+        if self._mailbox is not None:
+            self._mailbox.listen(self._on_event)
+        else:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
 
-    async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
-        while True:
+    def _on_event(self, message: Message) -> None:
+        if message["type"] == "http.disconnect" and self._task is not None:
+            self.disconnected = True
+            self._task.cancel()
+
+    async def _watch(self, receive: Receive) -> None:
+        while self._task is not None:
             message = await receive()
-            if message["type"] == "http.disconnect":
-                self.disconnected = True
-                task.cancel()
+            self._on_event(message)
+            if self.disconnected:
                 return
 
     def stop(self) -> None:
-        # Forget the task: its CancelledError's traceback holds this frame's `self`, and a
-        # reference back would make a cycle only the garbage collector could free.
+        # Let go of the task and the mailbox: a watcher's CancelledError's traceback holds
+        # its frame's `self`, and the mailbox is reached from the task's own frames: a
+        # reference back from either would make a cycle only the garbage collector frees.
+        self._task = None
+        if self._mailbox is not None:
+            self._mailbox.listen(None)
+            self._mailbox = None
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.cancel()
@@ -92,7 +110,10 @@ class Router:
         watch = DisconnectWatch(receive, task)
         try:
             if ctx.stream:
-                await self.stream(ctx, route, send)
+                # Opened in a frame of its own, which is gone by the time the stream is
+                # relayed: a held stream holds one frame less.
+                relay = await self.open_relay(ctx, route, send)
+                await relay.run()
             else:
                 await self.complete(ctx, route, send)
         except asyncio.CancelledError:
@@ -143,34 +164,49 @@ class Router:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def stream(self, ctx: RequestContext, route: Route, send: Send) -> None:
+    async def open_relay(self, ctx: RequestContext, route: Route, send: Send) -> StreamRelay:
+        """The stream's relay, once an upstream stream has its first token."""
         call = self.call_for(ctx)
-        request_s = self.timeouts.request
-        loop = asyncio.get_running_loop()
         balanced = self.balanced_chain(ctx, route)
-
-        async def opener(
-            call: UpstreamCall, chain: Sequence[Target] | None, max_attempts: int | None
-        ) -> tuple[Target, OpenStream]:
-            # One deadline for the whole request, recoveries included.
-            deadline = loop.time() + request_s - (time.monotonic() - ctx.started)
-            return await self.failover.run(
-                ctx,
-                route,
-                partial(self.open_attempt, call, ctx=ctx),
-                chain=balanced if chain is None else chain,
-                max_attempts=max_attempts,
-                deadline=deadline,
-                settle=False,  # the relay settles the circuit when the stream ends
-            )
-
+        opener = partial(self.open_stream, ctx, route, balanced)
         target, opened = await opener(call, None, None)
         ctx.ttft_s = time.monotonic() - ctx.started
         model = opened.head[0].model or target.model
         ctx.provider, ctx.upstream_model = target.provider, model
         headers = [*SSE_HEADERS, *resillm_headers(ctx, target, model)]
-        relay = StreamRelay(ctx, call, balanced, opener, recovery=self.stream_recovery, send=send)
-        await relay.run(target, opened, headers)
+        return StreamRelay(
+            ctx,
+            call,
+            balanced,
+            opener,
+            recovery=self.stream_recovery,
+            send=send,
+            opened=(target, opened, headers),
+        )
+
+    async def open_stream(
+        self,
+        ctx: RequestContext,
+        route: Route,
+        balanced: list[Target],
+        call: UpstreamCall,
+        chain: Sequence[Target] | None,
+        max_attempts: int | None,
+    ) -> tuple[Target, OpenStream]:
+        """Open ``call`` along ``chain`` (the balanced chain when ``None``): the relay's
+        opener, for the first call and for each recovery."""
+        # One deadline for the whole request, recoveries included.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeouts.request - (time.monotonic() - ctx.started)
+        return await self.failover.run(
+            ctx,
+            route,
+            partial(self.open_attempt, call, ctx=ctx),
+            chain=balanced if chain is None else chain,
+            max_attempts=max_attempts,
+            deadline=deadline,
+            settle=False,  # the relay settles the circuit when the stream ends
+        )
 
     async def open_attempt(
         self,

@@ -26,7 +26,6 @@ from middleware.request import CHAT_COMPLETIONS, RequestMiddleware
 from middleware.send_timeout import SendTimeoutMiddleware
 from providers.base import Provider
 from providers.registry import build_provider
-from resillm.admin.api import AdminAPI
 from resillm.admin.state import AdminState
 from resillm.asgi import ASGIApp, Receive, Scope, Send, route_path, send_json
 from resillm.balance import StatsRegistry
@@ -38,7 +37,6 @@ from resillm.config_diff import ReloadReport
 from resillm.context import RequestContext
 from resillm.errors import MethodNotAllowed, NotFound
 from resillm.metrics import Metrics
-from resillm.openapi import openapi_document
 from resillm.pricing import PriceBook, cost_nano_usd, to_usd
 from resillm.router import Router
 from resillm.schema import ModelCard, ModelList, json_encoder
@@ -126,15 +124,19 @@ class Runtime:
         self.routes = build_routes(config, self.providers, self.circuits, self.stats)
         self.router = Router(self.routes, config.resilience, cost_of=self.expected_cost)
         state.admin.recent.resize(config.admin.recent_requests)
-        self.admin = AdminAPI(
-            config.auth.admin_key,
-            lambda: self.routes,
-            config=config,
-            reload=state.reload,
-            state=state.admin,
-            budget=self.budget,
-            secrets=config_secrets(config),
-        )
+        self.admin: ASGIApp = admin_off
+        if config.auth.admin_key:  # the admin page's modules load only when it is on
+            from resillm.admin.api import AdminAPI
+
+            self.admin = AdminAPI(
+                config.auth.admin_key,
+                lambda: self.routes,
+                config=config,
+                reload=state.reload,
+                state=state.admin,
+                budget=self.budget,
+                secrets=config_secrets(config),
+            )
         self.v1 = self.v1_stack()
         self.ops = ErrorsMiddleware(self.ops_endpoints)
 
@@ -169,12 +171,7 @@ class Runtime:
             *([partial(CorsMiddleware, config=config.cors)] if config.cors.allow_origins else []),
             ErrorsMiddleware,
             *traced,  # the SERVER span, with tracing.enabled
-            partial(
-                AccessLogMiddleware,
-                config=config.logging,
-                secrets=config_secrets(config),
-                recent=admin.recent.append if admin else None,  # the admin page's list
-            ),
+            *self.access_log_layer(admin),
             partial(
                 MetricsMiddleware,
                 metrics=self.metrics,
@@ -195,6 +192,19 @@ class Runtime:
             app = layer(app)
         return app
 
+    def access_log_layer(self, admin: AdminState | None) -> list[Callable[[ASGIApp], ASGIApp]]:
+        """The access log, when it logs or feeds the admin page's recent requests."""
+        if not self.config.logging.log_requests and admin is None:
+            return []
+        return [
+            partial(
+                AccessLogMiddleware,
+                config=self.config.logging,
+                secrets=config_secrets(self.config),
+                recent=admin.recent.append if admin else None,  # the admin page's list
+            )
+        ]
+
     def auth_layer(self) -> list[Callable[[ASGIApp], ASGIApp]]:
         """Client keys, when any are configured; without, the routes are open (no layer)."""
         keys = self.config.auth.keys
@@ -203,10 +213,9 @@ class Runtime:
         return [partial(AuthMiddleware, keys=keys, aliases=self.routes.keys())]
 
     def budget_layer(self) -> list[Callable[[ASGIApp], ASGIApp]]:
-        """The budget gate, when some alias has a price: a request without one costs 0 and
-        passes the gate untouched, so with none priced there is nothing to gate."""
-        if not any(self.prices.knows(alias) for alias in self.routes):
-            return []
+        """The budget gate. Always there: spend is tracked (``/v1/budget``, the spend gauge)
+        even with no limit set, and an answer may be priced by the model it names even
+        where no alias has a price of its own."""
         return [
             partial(
                 BudgetMiddleware,
@@ -226,14 +235,19 @@ class Runtime:
             )
         ]
 
-    async def v1_endpoints(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def v1_endpoints(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine itself: it hands over the router's, so a request that is relayed
+        # (a stream held for minutes) does not also hold a frame for this dispatch.
         ctx = RequestContext.of(scope)
+        if ctx.route == CHAT_COMPLETIONS and scope["method"] == "POST":
+            return self.router(scope, receive, send)
+        return self.other_v1_endpoints(ctx, scope, send)
+
+    async def other_v1_endpoints(self, ctx: RequestContext, scope: Scope, send: Send) -> None:
         method = scope["method"]
         if ctx.route == CHAT_COMPLETIONS:
-            if method != "POST":
-                raise MethodNotAllowed(f"{CHAT_COMPLETIONS} takes POST")
-            await self.router(scope, receive, send)
-        elif ctx.route in ("/v1/models", "/v1/models/"):
+            raise MethodNotAllowed(f"{CHAT_COMPLETIONS} takes POST")
+        if ctx.route in ("/v1/models", "/v1/models/"):
             if method != "GET":
                 raise MethodNotAllowed("/v1/models takes GET")
             await send_json(send, 200, self.model_list(ctx))
@@ -270,6 +284,8 @@ class Runtime:
             )
             await send({"type": "http.response.body", "body": content})
         elif path == "/openapi.json":
+            from resillm.openapi import openapi_document  # loaded on first ask
+
             await send_json(send, 200, openapi_document())
         elif path == "/admin" or path.startswith("/admin/"):
             await self.admin(scope, receive, send)
@@ -284,6 +300,10 @@ class Runtime:
     async def aclose(self) -> None:
         for provider in self.providers.values():
             await provider.aclose()
+
+
+async def admin_off(scope: Scope, receive: Receive, send: Send) -> None:
+    raise NotFound("the admin routes are off: set auth.admin_key to turn them on")
 
 
 def config_secrets(config: Config) -> frozenset[str]:

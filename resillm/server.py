@@ -24,6 +24,7 @@ from resillm.app import Gateway
 from resillm.config import Config
 from resillm.config_loader import ConfigError, load_config
 from resillm.hypercorn_fix import release_closed_connections
+from resillm.hypercorn_lean import lighten_hypercorn
 from resillm.log import configure_logging
 
 logger = logging.getLogger("resillm.server")
@@ -76,6 +77,7 @@ def hypercorn_config(config: Config, bind: list[str]) -> Any:
     from hypercorn.config import Config as HypercornConfig
 
     release_closed_connections(config.server.send_timeout)
+    lighten_hypercorn()
     hyper = HypercornConfig()
     hyper.bind = bind
     hyper.graceful_timeout = config.server.graceful_timeout

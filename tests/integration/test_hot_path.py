@@ -154,3 +154,41 @@ async def test_requests_share_one_upstream_session(
                 assert response.status == 200
                 await response.read()
     assert created == []
+
+
+async def test_a_held_stream_watches_for_its_client_leaving_without_a_task() -> None:
+    """Under hypercorn, ``receive`` is a mailbox that hands ``http.disconnect`` to the
+    router's watch as it arrives: no task (and its coroutines and future) per stream held,
+    and the client leaving still closes the upstream call at once."""
+    upstream_gone = asyncio.Event()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"".join(b"data: " + event + b"\n\n" for event in EVENTS[:2]))
+        try:
+            for _ in range(1000):  # holding the stream open, as a slow model would
+                await asyncio.sleep(0.01)
+                await response.write(b": keep-alive\n\n")
+        except ConnectionError:  # the gateway closed the call
+            upstream_gone.set()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with (
+        serve_web(app) as upstream,
+        run_gateway(config(upstream + "/v1")) as gateway,
+        aiohttp.ClientSession() as client,
+    ):
+        response = await client.post(gateway.url + "/v1/chat/completions", json=chat_body(True))
+        assert response.status == 200
+        await response.content.readuntil(b"\n\n")  # the stream is open and held
+        watchers = [
+            task
+            for task in asyncio.all_tasks()
+            if getattr(task.get_coro(), "__qualname__", "") == "DisconnectWatch._watch"
+        ]
+        assert watchers == []
+        response.close()  # the client leaves mid-stream
+        await asyncio.wait_for(upstream_gone.wait(), 5)

@@ -11,6 +11,7 @@ import pytest
 
 from middleware.access_log import AccessLogMiddleware
 from middleware.metrics import MetricsMiddleware
+from middleware.request import responding
 from resillm.admin.recent import RecentRequests
 from resillm.asgi import Message, Receive, Scope, Send
 from resillm.config import LoggingConfig
@@ -23,7 +24,8 @@ BODY = b'{"model":"chat","messages":[{"role":"user","content":"write to a@exampl
 
 
 class Endpoint:
-    """Stands for the inner layers: leaves a context, answers or raises."""
+    """Stands for the inner layers (the request layer's among them): leaves a context,
+    answers or raises."""
 
     def __init__(self, *, fallbacks: int = 0, raises: Exception | None = None) -> None:
         self.fallbacks = fallbacks
@@ -35,6 +37,7 @@ class Endpoint:
         scope[SCOPE_KEY] = ctx
         if self.raises is not None:
             raise self.raises
+        send = responding(ctx, send)  # the request layer's, which notes the status
         headers = [(b"content-type", b"application/json")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b'{"ok": "call +1 415 555 0100"}'})

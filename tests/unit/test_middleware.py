@@ -238,9 +238,11 @@ async def test_error_after_response_started_is_not_rendered_twice() -> None:
         await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
         raise UpstreamTimeout("stalled")
 
+    # As deployed: the request layer, inside, notes that the response started.
+    app = ErrorsMiddleware(RequestMiddleware(starts_then_fails, max_request_bytes=1000))
     recorder = Recorder()
     with pytest.raises(UpstreamTimeout):
-        await ErrorsMiddleware(starts_then_fails)(make_scope(), Receiver([]), recorder)
+        await app(make_scope("GET", "/v1/models"), Receiver([]), recorder)
     assert [m["type"] for m in recorder.messages] == ["http.response.start", "http.response.body"]
     assert recorder.status == 200
 

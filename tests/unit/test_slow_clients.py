@@ -230,3 +230,18 @@ async def test_the_timer_is_gone_once_the_request_ends() -> None:
     await SendTimeoutMiddleware(streaming, timeout=60)(context_scope(), never, Recorder())
     # A cancelled timer stays in the loop's heap until its time; it must be cancelled.
     assert all(handle.cancelled() for handle in loop._scheduled[before:])
+
+
+async def test_requests_in_flight_share_one_timer_and_each_stall_is_its_own() -> None:
+    # One timer for all requests, not one each: a thousand held streams hold no timers.
+    loop: Any = asyncio.get_running_loop()
+    before = len([h for h in loop._scheduled if not h.cancelled()])
+    app = SendTimeoutMiddleware(streaming, timeout=0.2)
+    scopes = [context_scope() for _ in range(3)]
+    stalled = asyncio.create_task(app(scopes[0], never, blocked_after(2)))
+    healthy = [asyncio.create_task(app(s, never, blocked_after(100))) for s in scopes[1:]]
+    await asyncio.sleep(0)
+    assert len([h for h in loop._scheduled if not h.cancelled()]) - before == 1
+    await asyncio.wait_for(asyncio.gather(stalled, *healthy), 2)
+    statuses = [RequestContext.of(s).status for s in scopes]
+    assert statuses == [408, 0, 0]

@@ -1,0 +1,185 @@
+"""Lighter per-connection objects for hypercorn: the same behaviour in less memory.
+
+hypercorn (0.18 and before) gives every request an ``asyncio.Queue`` for the events it
+hands the app's ``receive``, and every connection an ``asyncio.Event`` (``can_read``). The
+queue holds three deques and an ``Event``, and each ``Event`` a deque, and an empty deque
+takes some 760 bytes: about 4 KB per connection, 4 MB for a thousand held streams, whatever
+the app does. A request's receive side sees a handful of events (its body, then
+``http.disconnect``) and ``join``/``task_done`` are never used; an event has one waiter.
+
+- :class:`Mailbox` keeps the events in a list and makes its waiter lists only when someone
+  waits; it behaves as the queue does as hypercorn uses it: ``put`` waits while
+  ``maxsize`` events are unread (backpressure on a body the app does not read), ``get``
+  waits for the next, waiters are served in order, a cancelled waiter passes its wake-up
+  on. :meth:`Mailbox.listen` lets the router watch for ``http.disconnect`` without a task.
+- :class:`LeanEvent` is hypercorn's ``event_class`` (its own extension point) without the
+  deque.
+- The WSGI helpers hypercorn makes per request (two closures) are not made for an ASGI app,
+  which never receives them.
+
+Guarded by ``tests/unit/test_hypercorn_lean.py``, and by integration tests that check
+hypercorn still uses them: should hypercorn's internals change, the patch is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+_PATCHED = "_resillm_mailbox"
+
+
+class Mailbox:
+    """A FIFO of ``maxsize`` items (``<= 0``: unbounded) for one event loop."""
+
+    __slots__ = ("_getters", "_items", "_listener", "_maxsize", "_putters")
+
+    def __init__(self, maxsize: int = 0) -> None:
+        self._maxsize = maxsize
+        self._items: list[Any] = []
+        self._getters: list[asyncio.Future[None]] | None = None
+        self._putters: list[asyncio.Future[None]] | None = None
+        self._listener: Callable[[Any], object] | None = None
+
+    def listen(self, listener: Callable[[Any], object] | None) -> None:
+        """Hand every item to ``listener`` as it is put (those waiting first) instead of
+        queuing it; ``None`` queues them again. For an app that only watches its
+        ``receive`` for ``http.disconnect``: a call where a watching task would cost a
+        task, two coroutines and a future for as long as the request lasts."""
+        self._listener = listener
+        if listener is not None:
+            items, self._items = self._items, []
+            for item in items:
+                listener(item)
+            while self._putters:
+                _wake(self._putters)
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def full(self) -> bool:
+        return 0 < self._maxsize <= len(self._items)
+
+    async def get(self) -> Any:
+        while not self._items:
+            if self._getters is None:
+                self._getters = []
+            await _wait(self._getters, lambda: bool(self._items))
+        item = self._items.pop(0)
+        _wake(self._putters)
+        return item
+
+    async def put(self, item: Any) -> None:
+        while self._listener is None and self.full():
+            if self._putters is None:
+                self._putters = []
+            await _wait(self._putters, lambda: self._listener is not None or not self.full())
+        if self._listener is not None:
+            self._listener(item)
+            return
+        self._items.append(item)
+        _wake(self._getters)
+
+
+async def _wait(waiters: list[asyncio.Future[None]], ready: Any) -> None:
+    future = asyncio.get_running_loop().create_future()
+    waiters.append(future)
+    try:
+        await future
+    except BaseException:
+        if future in waiters:
+            waiters.remove(future)
+        elif ready():
+            _wake(waiters)  # woken, then cancelled: the next waiter takes the turn
+        raise
+
+
+def _wake(waiters: list[asyncio.Future[None]] | None) -> None:
+    while waiters:
+        future = waiters.pop(0)
+        if not future.done():
+            future.set_result(None)
+            return
+
+
+class LeanEvent:
+    """hypercorn's ``EventWrapper`` (an ``asyncio.Event`` behind async methods), lighter."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    async def clear(self) -> None:
+        self._set = False
+
+    async def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for future in waiters or ():
+            if not future.done():
+                future.set_result(None)
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        future = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(future)
+        try:
+            await future
+        finally:
+            if self._waiters is not None and future in self._waiters:
+                self._waiters.remove(future)
+
+
+def lighten_hypercorn() -> None:
+    """Use :class:`Mailbox` and :class:`LeanEvent` in hypercorn's asyncio worker; once, and
+    each a no-op where hypercorn's internals differ from what it replaces."""
+    try:
+        from hypercorn.asyncio import task_group, worker_context
+    except ImportError:
+        return
+    context = getattr(worker_context, "WorkerContext", None)
+    if context is not None and getattr(context, "event_class", None) is getattr(
+        worker_context, "EventWrapper", object()
+    ):
+        context.event_class = LeanEvent
+    group = getattr(task_group, "TaskGroup", None)
+    handle = getattr(task_group, "_handle", None)
+    original = getattr(group, "spawn_app", None)
+    if group is None or handle is None or original is None or getattr(original, _PATCHED, False):
+        return
+    if original.__code__.co_varnames[:5] != ("self", "app", "config", "scope", "send"):
+        return
+
+    from hypercorn.app_wrappers import ASGIWrapper
+
+    async def spawn_app(self: Any, app: Any, config: Any, scope: Any, send: Any) -> Any:
+        mailbox = Mailbox(config.max_app_queue_size)
+        if isinstance(app, ASGIWrapper):
+            sync_spawn = call_soon = _for_wsgi  # an ASGI app is not handed them
+        else:
+            loop = self._loop
+            sync_spawn = partial(loop.run_in_executor, None)
+            call_soon = partial(_call_soon, loop)
+        self.spawn(handle, app, config, scope, mailbox.get, send, sync_spawn, call_soon)
+        return mailbox.put
+
+    setattr(spawn_app, _PATCHED, True)
+    group.spawn_app = spawn_app
+
+
+def _for_wsgi(*args: Any) -> Any:
+    raise RuntimeError("hypercorn's WSGI helpers, called for an ASGI app")
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, func: Any, *args: Any) -> Any:
+    return asyncio.run_coroutine_threadsafe(func(*args), loop).result()

@@ -1,0 +1,133 @@
+"""hypercorn's per-request queue and per-connection event, replaced by lighter ones that must
+behave as the originals do where hypercorn relies on them."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import pytest
+
+from resillm.hypercorn_lean import LeanEvent, Mailbox, lighten_hypercorn
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_items_come_out_in_order() -> None:
+    mailbox = Mailbox(10)
+    for n in range(3):
+        await mailbox.put(n)
+    assert [await mailbox.get() for _ in range(3)] == [0, 1, 2]
+
+
+async def test_get_waits_for_the_next_item() -> None:
+    mailbox = Mailbox(10)
+    getter = asyncio.create_task(mailbox.get())
+    await asyncio.sleep(0)
+    assert not getter.done()
+    await mailbox.put("body")
+    assert await getter == "body"
+
+
+async def test_put_waits_while_full_and_resumes_when_one_is_taken() -> None:
+    mailbox = Mailbox(2)  # hypercorn's backpressure on a body the app does not read
+    await mailbox.put(1)
+    await mailbox.put(2)
+    putter = asyncio.create_task(mailbox.put(3))
+    await asyncio.sleep(0.01)
+    assert not putter.done() and mailbox.qsize() == 2
+    assert await mailbox.get() == 1
+    await asyncio.wait_for(putter, 1)
+    assert [await mailbox.get(), await mailbox.get()] == [2, 3]
+
+
+async def test_waiting_getters_are_served_in_order() -> None:
+    mailbox = Mailbox(10)
+    first = asyncio.create_task(mailbox.get())
+    await asyncio.sleep(0)
+    second = asyncio.create_task(mailbox.get())
+    await asyncio.sleep(0)
+    await mailbox.put("a")
+    await mailbox.put("b")
+    assert (await first, await second) == ("a", "b")
+
+
+async def test_a_getter_cancelled_after_its_wake_up_passes_it_on() -> None:
+    mailbox = Mailbox(10)
+    first = asyncio.create_task(mailbox.get())
+    await asyncio.sleep(0)
+    second = asyncio.create_task(mailbox.get())
+    await asyncio.sleep(0)
+    await mailbox.put("only")  # wakes the first getter...
+    first.cancel()  # ...which is cancelled before it runs: the item is the second's
+    assert await asyncio.wait_for(second, 1) == "only"
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_a_cancelled_getter_leaves_no_waiter_behind() -> None:
+    mailbox = Mailbox(10)
+    getter = asyncio.create_task(mailbox.get())
+    await asyncio.sleep(0)
+    getter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await getter
+    await mailbox.put("x")
+    assert await asyncio.wait_for(mailbox.get(), 1) == "x"
+
+
+async def test_a_listener_takes_what_is_queued_then_every_new_item() -> None:
+    mailbox = Mailbox(2)
+    await mailbox.put("queued")
+    await mailbox.put("full")
+    putter = asyncio.create_task(mailbox.put("blocked"))
+    await asyncio.sleep(0)
+    heard: list[str] = []
+    mailbox.listen(heard.append)
+    await asyncio.wait_for(putter, 1)  # the blocked putter hands its item over too
+    await mailbox.put("new")
+    assert heard == ["queued", "full", "blocked", "new"]
+    mailbox.listen(None)
+    await mailbox.put("after")
+    assert heard[-1] == "new" and await mailbox.get() == "after"
+
+
+async def test_the_event_wakes_its_waiter_and_stays_set_until_cleared() -> None:
+    event = LeanEvent()
+    waiter = asyncio.create_task(event.wait())
+    await asyncio.sleep(0)
+    assert not waiter.done() and not event.is_set()
+    await event.set()
+    await asyncio.wait_for(waiter, 1)
+    assert event.is_set()
+    await event.wait()  # set: returns at once
+    await event.clear()
+    again = asyncio.create_task(event.wait())
+    await asyncio.sleep(0.01)
+    assert not again.done()
+    again.cancel()
+
+
+def test_they_are_lighter_than_what_they_replace() -> None:
+    # The point of them: what hypercorn held per connection (a queue and an event, five
+    # deques) against what it holds now. Sizes, not times: deterministic.
+    def size(obj: Any) -> int:
+        inner = getattr(obj, "__dict__", {}).values() if hasattr(obj, "__dict__") else ()
+        return sys.getsizeof(obj) + sum(sys.getsizeof(v) for v in inner)
+
+    queue, event = asyncio.Queue[Any](10), asyncio.Event()
+    before = size(queue) + size(queue._finished) + size(event)  # type: ignore[attr-defined]
+    mailbox, lean = Mailbox(10), LeanEvent()
+    after = sys.getsizeof(mailbox) + sys.getsizeof([]) + sys.getsizeof(lean)
+    assert after * 5 < before
+
+
+def test_hypercorn_uses_them_once_lightened() -> None:
+    from hypercorn.asyncio.task_group import TaskGroup
+    from hypercorn.asyncio.worker_context import WorkerContext
+
+    lighten_hypercorn()
+    lighten_hypercorn()  # twice is once
+    assert WorkerContext(None).event_class is LeanEvent
+    assert getattr(TaskGroup.spawn_app, "_resillm_mailbox", False)
