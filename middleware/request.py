@@ -146,6 +146,7 @@ def parse_chat_request(ctx: RequestContext) -> None:
         message, param = _split_validation_error(str(exc))
         raise InvalidRequest(message, param=param) from None
     ctx.raw = raw
+    ctx.body = b""  # decoded: a stream held for minutes need not hold its prompt twice
     ctx.request = request
     ctx.alias = request.model
     ctx.stream = bool(request.stream)

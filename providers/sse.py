@@ -68,7 +68,8 @@ class SSEDecoder:
                 self._event = ""
                 return None
             event = SSEEvent(self._event or "message", b"\n".join(self._data))
-            self._event, self._data, self._has_data = "", [], False
+            self._data.clear()  # reused: no list made per event
+            self._event, self._has_data = "", False
             return event
         if line[0] == 0x3A:  # ":" comment / keep-alive
             return None

@@ -3,19 +3,20 @@
 A subclass only translates: :meth:`consume` turns the bytes of one read into chunks with
 :meth:`push` and says how the stream ends with :meth:`end` or :meth:`fail`. The base
 class queues the chunks, applies ``stream_idle_s`` between reads once the first token has
-arrived (the first one is the router's to time), delivers what came before a failure and
+arrived (the first one is the router's to time; one timer for all streams,
+:mod:`providers.idle`), delivers what came before a failure and
 then raises it, and gives the connection back for reuse only after a clean end.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import aiohttp
 
 from providers.base import Chunk
 from providers.http import upstream_errors
+from providers.idle import IdleWatch, idle_watch
 from resillm.errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
 
 
@@ -41,6 +42,7 @@ class UpstreamChunkStream:
         # costs 600 bytes, held by every open stream.
         self._pending: list[Chunk] = []
         self._started = False  # the first token went by: the idle limit applies
+        self._idle_watch: IdleWatch | None = None
         self.finished = False  # a finish reason went by: the answer is whole
         self._ended = False
         self._closed = False
@@ -112,8 +114,12 @@ class UpstreamChunkStream:
             try:
                 with upstream_errors(self.provider, self.model):
                     if self._started and self._idle_s is not None:
-                        async with asyncio.timeout(self._idle_s):
+                        watch = self._idle_watch or self._watch_idle()
+                        watch.waiting(self, self._idle_s)
+                        try:
                             data = await self._response.content.readany()
+                        finally:
+                            watch.done(self)
                     else:  # the first token's wait is the router's to bound
                         data = await self._response.content.readany()
             except UpstreamError as exc:
@@ -133,6 +139,14 @@ class UpstreamChunkStream:
             if not data and not self._ended:
                 self.end()
         return self._pending.pop(0)
+
+    def _watch_idle(self) -> IdleWatch:
+        self._idle_watch = idle_watch()
+        return self._idle_watch
+
+    def idle_expired(self) -> None:
+        """No data for ``stream_idle``: the read waiting fails with a timeout."""
+        self._response.content.set_exception(TimeoutError())
 
     def _close_response(self, *, reuse: bool) -> None:
         if self._closed:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +95,18 @@ class Gateway:
             await runtime.v1(scope, receive, send)
         else:
             await runtime.ops(scope, receive, send)
+
+    def asgi(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """The same app, handing each request straight to the runtime's stack: no frame of
+        its own for as long as the request lasts (a stream held for minutes). Not a
+        coroutine function, so a server must be told it is ASGI 3: ``resillm serve`` does;
+        an app mounting the gateway calls the gateway itself."""
+        runtime = self.runtime
+        if runtime is None or scope["type"] != "http":
+            return self(scope, receive, send)  # lifespan, the first request, websockets
+        if route_path(scope).startswith("/v1/"):
+            return runtime.v1(scope, receive, send)
+        return runtime.ops(scope, receive, send)
 
     async def start(self) -> Runtime:
         async with self._start_lock:

@@ -11,15 +11,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import msgspec
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from resillm.config import (
     PROVIDER_TYPES,
@@ -103,24 +103,48 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([ConfigIssue("", "config is nested too deeply", name)]) from None
 
 
-def _load_document(name: str, text: str, tokens: list[str]) -> Config:
+@contextmanager
+def _ruamel() -> Iterator[ModuleType]:
+    """``ruamel.yaml`` for one load, and let go of afterwards unless it was loaded before:
+    its modules, about 1.5 MB, would otherwise stay in every gateway process for the sake
+    of a reload now and then (which imports it again, in some 10 ms)."""
+    loaded = "ruamel.yaml" in sys.modules
+    import ruamel.yaml
+    import ruamel.yaml.error
+
     try:
-        document = YAML(typ="rt", pure=True).load(text)
-    except MarkedYAMLError as exc:
+        yield ruamel.yaml
+    finally:
+        if not loaded:
+            for module in [m for m in sys.modules if m == "ruamel" or m.startswith("ruamel.")]:
+                del sys.modules[module]
+
+
+def _load_document(name: str, text: str, tokens: list[str]) -> Config:
+    with _ruamel() as yaml:
+        document, error = _parse(yaml, name, text)
+        if error is not None:
+            raise error
+        return _Validator(name, _locate(document), tokens).run(document)
+
+
+def _parse(yaml: ModuleType, name: str, text: str) -> tuple[Any, ConfigError | None]:
+    """The YAML document, or the error to raise (outside ruamel's ``except`` clauses: a
+    traceback would hold its frames, and through them the modules being let go of)."""
+    try:
+        return yaml.YAML(typ="rt", pure=True).load(text), None
+    except yaml.error.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = " ".join(str(p) for p in (exc.context, exc.problem) if p)
         line = mark.line + 1 if mark is not None else None
         column = mark.column + 1 if mark is not None else None
-        raise ConfigError(
-            [ConfigIssue("", f"invalid YAML: {message}", name, line, column)]
-        ) from None
-    except YAMLError as exc:  # unmarked: a control character the reader refuses, ...
-        raise ConfigError([ConfigIssue("", f"invalid YAML: {exc}", name)]) from None
+        return None, ConfigError([ConfigIssue("", f"invalid YAML: {message}", name, line, column)])
+    except yaml.error.YAMLError as exc:  # unmarked: a control character the reader refuses
+        return None, ConfigError([ConfigIssue("", f"invalid YAML: {exc}", name)])
     except TypeError:  # ruamel cannot hash a mapping or list used as a key: "? {a: 1}"
-        raise ConfigError([ConfigIssue("", "invalid YAML: a key must be a scalar", name)]) from None
+        return None, ConfigError([ConfigIssue("", "invalid YAML: a key must be a scalar", name)])
     except (IndexError, ValueError):  # ruamel's own slips on odd scalars, such as "+_"
-        raise ConfigError([ConfigIssue("", "invalid YAML: unreadable scalar", name)]) from None
-    return _Validator(name, _locate(document), tokens).run(document)
+        return None, ConfigError([ConfigIssue("", "invalid YAML: unreadable scalar", name)])
 
 
 def config_from_dict(data: Mapping[str, Any], source: str | None = None) -> Config:
@@ -133,12 +157,13 @@ def _locate(
 ) -> dict[ConfigPath, tuple[int, int]]:
     """Map each key path to its 1-based (line, column) in the YAML document."""
     out = {} if out is None else out
-    if isinstance(node, CommentedMap):
+    # ruamel's CommentedMap and CommentedSeq, told by their line and column records.
+    if isinstance(node, dict) and hasattr(node, "lc"):
         for key in node:
             line, col = node.lc.key(key)
             out[(*path, str(key))] = (line + 1, col + 1)
             _locate(node[key], (*path, str(key)), out)
-    elif isinstance(node, CommentedSeq):
+    elif isinstance(node, list) and hasattr(node, "lc"):
         for index, item in enumerate(node):
             line, col = node.lc.item(index)
             out[(*path, index)] = (line + 1, col + 1)

@@ -62,11 +62,13 @@ class RequestContext:
         self.attempts = 0
         self.retries = 0
         self.fallbacks = 0
-        self.recoveries: list[str] = []  # stream recoveries: continued, restarted, failed
+        # Tuples, grown by concatenation: most requests log one attempt and nothing else, and
+        # a request held for minutes (a stream) should not hold empty lists all along.
+        self.recoveries: tuple[str, ...] = ()  # stream recoveries: continued, restarted, failed
         # For metrics and traces: (provider, model, outcome, is_retry) per upstream attempt,
         # (from target, to target) per move along the chain.
-        self.attempt_log: list[tuple[str, str, str, bool]] = []
-        self.fallback_log: list[tuple[str, str]] = []
+        self.attempt_log: tuple[tuple[str, str, str, bool], ...] = ()
+        self.fallback_log: tuple[tuple[str, str], ...] = ()
         self.malformed_events = 0
         self.cost: float | None = None
         self.usage: Usage | None = None

@@ -74,7 +74,7 @@ class Failover:
                     raise self.give_up(route, failures or [_deadline(target, self.config)])
                 if previous is not None and previous is not target:
                     ctx.fallbacks += 1
-                    ctx.fallback_log.append((previous.id, target.id))
+                    ctx.fallback_log += ((previous.id, target.id),)
                     if tracer is not None:
                         tracer.fallback(previous.id, target.id)
                 previous = target
@@ -102,8 +102,8 @@ class Failover:
                     # a cycle only the garbage collector would free.
                     failures.append(exc.with_traceback(None))
                     _note_rate_limit(target, exc, loop.time())
-                    ctx.attempt_log.append(
-                        (target.provider, target.model, attempt_outcome(exc), retry > 0)
+                    ctx.attempt_log += (
+                        (target.provider, target.model, attempt_outcome(exc), retry > 0),
                     )
                     others_left = any(t.circuit.available() for t in chain[index + 1 :])
                     step = decide(exc, others_left=others_left)
@@ -138,7 +138,7 @@ class Failover:
                     target.stats.observe(loop.time() - started, loop.time())
                     if settle:
                         target.settle("success")
-                    ctx.attempt_log.append((target.provider, target.model, "success", retry > 0))
+                    ctx.attempt_log += ((target.provider, target.model, "success", retry > 0),)
                     return target, result
         if not failures and unsupported is not None:
             raise unsupported

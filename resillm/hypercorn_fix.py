@@ -26,6 +26,7 @@ full pass (which, under load, can be many thousands of connections later).
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 _PATCHED = "_resillm_frees_closed_connections"
@@ -70,14 +71,20 @@ def release_closed_connections(close_timeout: float | None = None) -> None:
 
     run = TCPServer.run
 
-    async def _run(self: Any) -> None:
-        try:
-            await run(self)
-        finally:
-            self.__dict__.pop("protocol", None)
-            self.__dict__.pop("_task_group", None)
+    def _run(self: Any) -> Any:
+        # Not a coroutine wrapping hypercorn's: a frame more per connection. The connection's
+        # task lets go of the protocol once it is done.
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(partial(_forget_protocol, self))
+        return run(self)
 
     TCPServer.run = _run  # type: ignore[method-assign]
     setattr(_read_data, _PATCHED, True)
     TCPServer._read_data = _read_data  # type: ignore[method-assign]
     TCPServer._close = _close  # type: ignore[method-assign]
+
+
+def _forget_protocol(server: Any, task: object) -> None:
+    server.__dict__.pop("protocol", None)
+    server.__dict__.pop("_task_group", None)

@@ -38,7 +38,7 @@ class Mailbox:
 
     def __init__(self, maxsize: int = 0) -> None:
         self._maxsize = maxsize
-        self._items: list[Any] = []
+        self._items: list[Any] | None = None  # made when there is something to keep
         self._getters: list[asyncio.Future[None]] | None = None
         self._putters: list[asyncio.Future[None]] | None = None
         self._listener: Callable[[Any], object] | None = None
@@ -50,17 +50,17 @@ class Mailbox:
         task, two coroutines and a future for as long as the request lasts."""
         self._listener = listener
         if listener is not None:
-            items, self._items = self._items, []
-            for item in items:
+            items, self._items = self._items, None
+            for item in items or ():
                 listener(item)
             while self._putters:
                 _wake(self._putters)
 
     def qsize(self) -> int:
-        return len(self._items)
+        return len(self._items) if self._items is not None else 0
 
     def full(self) -> bool:
-        return 0 < self._maxsize <= len(self._items)
+        return 0 < self._maxsize <= self.qsize()
 
     async def get(self) -> Any:
         while not self._items:
@@ -79,7 +79,10 @@ class Mailbox:
         if self._listener is not None:
             self._listener(item)
             return
-        self._items.append(item)
+        if self._items is None:
+            self._items = [item]
+        else:
+            self._items.append(item)
         _wake(self._getters)
 
 

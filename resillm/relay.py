@@ -254,17 +254,17 @@ class StreamRelay:
             else:
                 self.resume = _Resume(skip_text=delivered[len(prefill) :])
                 self.call_prefill = prefill
-                ctx.recoveries.append("continued")
+                ctx.recoveries += ("continued",)
                 return target, opened
         try:
             target, opened = await self.opener(self.call, None, None)
         except GatewayError as exc:
             logger.warning("request %s: stream recovery failed: %s", ctx.request_id, exc.message)
-            ctx.recoveries.append("failed")
+            ctx.recoveries += ("failed",)
             return None
         self.resume = _Resume(align=delivered)
         self.call_prefill = ""
-        ctx.recoveries.append("restarted")
+        ctx.recoveries += ("restarted",)
         return target, opened
 
     def continuation(self, prefill: str) -> UpstreamCall:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from resillm.app import Gateway
+from resillm.asgi import ASGIApp
 from resillm.config import Config
 from resillm.config_loader import ConfigError, load_config
 from resillm.hypercorn_fix import release_closed_connections
@@ -134,7 +135,7 @@ async def _serve_one(gateway: Gateway, hyper: Any) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gateway.reload()))
-    await hypercorn_serve(gateway, hyper, shutdown_trigger=stopping.wait)  # type: ignore[arg-type]
+    await hypercorn_serve(gateway.asgi, hyper, shutdown_trigger=stopping.wait, mode="asgi")  # type: ignore[arg-type]
 
 
 def _serve_hypercorn_workers(path: str, hyper: Any, workers: int) -> int:
@@ -156,8 +157,9 @@ def _serve_uvicorn(path: str, config: Config, host: str, port: int, workers: int
     os.environ["RESILLM_CONFIG"] = os.path.abspath(path)
     share_admin_sessions()
     uvicorn.run(
-        "resillm.server:worker_app",
+        "resillm.server:worker_asgi",
         factory=True,
+        interface="asgi3",
         host=host,
         port=port,
         workers=workers,
@@ -187,6 +189,11 @@ def share_admin_sessions() -> None:
     from resillm.admin.state import SESSION_SECRET_ENV
 
     os.environ.setdefault(SESSION_SECRET_ENV, secrets.token_urlsafe(32))
+
+
+def worker_asgi() -> ASGIApp:
+    """uvicorn's app factory: the gateway's frameless entry (see ``Gateway.asgi``)."""
+    return worker_app().asgi
 
 
 def worker_app() -> Gateway:

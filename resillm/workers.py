@@ -272,7 +272,7 @@ async def serve_worker(app: Any, hyper: Any, sockets: Any) -> None:
     if parent is not None:  # readable once the supervisor is gone, however it ended
         loop.add_reader(parent.sentinel, stop)
     await worker_serve(
-        wrap_app(app, hyper.wsgi_max_body_size, "asgi"),
+        wrap_app(app.asgi, hyper.wsgi_max_body_size, "asgi"),
         hyper,
         sockets=sockets,
         shutdown_trigger=stopping.wait,

@@ -49,7 +49,8 @@ async def serve_asgi(app: ASGIApp, config: dict[str, Any] | None = None) -> Asyn
     hyper = hypercorn_config(cfg, [bind])
     hyper.graceful_timeout = 2.0
     stop = asyncio.Event()
-    task = asyncio.create_task(hypercorn_serve(app, hyper, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    serving = hypercorn_serve(app, hyper, shutdown_trigger=stop.wait, mode="asgi")  # type: ignore[arg-type]
+    task = asyncio.create_task(serving)
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
@@ -69,7 +70,7 @@ async def serve_asgi(app: ASGIApp, config: dict[str, Any] | None = None) -> Asyn
 @asynccontextmanager
 async def run_gateway(config: dict[str, Any]) -> AsyncIterator[RunningServer]:
     gateway = create_app(config)
-    async with serve_asgi(gateway, config) as url:
+    async with serve_asgi(gateway.asgi, config) as url:  # as `resillm serve` serves it
         yield RunningServer(url, gateway)
 
 

@@ -83,7 +83,13 @@ async def gateway() -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
 Request = Callable[[str, aiohttp.ClientSession, int], Awaitable[None]]
 
 
-def chat(model: str, *, stream: bool = False, leave_after_first_line: bool = False) -> Request:
+def chat(
+    model: str,
+    *,
+    stream: bool = False,
+    leave_after_first_line: bool = False,
+    connection_closes: bool = False,
+) -> Request:
     async def request(url: str, session: aiohttp.ClientSession, serial: int) -> None:
         body = {
             "model": model,
@@ -91,7 +97,11 @@ def chat(model: str, *, stream: bool = False, leave_after_first_line: bool = Fal
             # Distinct prompts: the cache must not answer instead of the path under test.
             "messages": [{"role": "user", "content": f"tell me something {serial}"}],
         }
-        async with session.post(url + "/v1/chat/completions", json=body) as response:
+        # `Connection: close`: the server ends the connection after the answer.
+        headers = {"connection": "close"} if connection_closes else {}
+        async with session.post(
+            url + "/v1/chat/completions", json=body, headers=headers
+        ) as response:
             if leave_after_first_line:
                 await response.content.readline()
                 response.close()
@@ -124,6 +134,7 @@ PATHS: dict[str, Request] = {
     "malformed JSON": raw_body(b"{nope"),
     "invalid request": raw_body(b'{"model": "ok", "messages": 3}'),
     "client leaving mid-stream": chat("ok", stream=True, leave_after_first_line=True),
+    "a connection per request": chat("ok", connection_closes=True),
 }
 
 

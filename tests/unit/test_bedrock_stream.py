@@ -20,18 +20,25 @@ MODEL = "meta.llama3-70b-instruct-v1:0"
 
 class ScriptedContent:
     """``response.content``: hands out the scripted pieces, then b"" (end of body), or
-    stalls forever when ``stall`` is set."""
+    stalls until ``set_exception`` (as aiohttp's reader does) when ``stall`` is set."""
 
     def __init__(self, pieces: list[bytes], stall: bool = False) -> None:
         self.pieces = list(pieces)
         self.stall = stall
+        self.error: asyncio.Future[None] | None = None
 
     async def readany(self) -> bytes:
         if self.pieces:
             return self.pieces.pop(0)
         if self.stall:
-            await asyncio.Event().wait()
+            self.error = self.error or asyncio.get_running_loop().create_future()
+            await self.error
         return b""
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.error = self.error or asyncio.get_running_loop().create_future()
+        if not self.error.done():
+            self.error.set_exception(exc)
 
 
 class ScriptedResponse:

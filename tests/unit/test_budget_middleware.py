@@ -57,7 +57,7 @@ def answering(usage: Usage | None = USAGE, cache: str | None = None) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext.of(scope)
         ctx.provider, ctx.upstream_model = "m", "m"
-        ctx.attempt_log.append(("m", "m", "success", False))
+        ctx.attempt_log += (("m", "m", "success", False),)
         ctx.usage, ctx.cache = usage, cache
         await send_json(send, 200, b"{}")
 
@@ -168,7 +168,7 @@ async def test_a_cancelled_request_still_pays_for_what_it_used() -> None:
     async def cut(scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext.of(scope)
         ctx.provider = "m"
-        ctx.attempt_log.append(("m", "m", "success", False))
+        ctx.attempt_log += (("m", "m", "success", False),)
         ctx.usage = Usage(prompt_tokens=2, completion_tokens=3, total_tokens=5)
         raise asyncio.CancelledError  # the server is stopping mid-stream
 

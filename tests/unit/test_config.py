@@ -852,3 +852,40 @@ def test_check_uses_resillm_config_env(
 def test_check_missing_file_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "-c", str(tmp_path / "nope.yaml")]) == 1
     assert "nope.yaml" in capsys.readouterr().err
+
+
+# -- ruamel is held only while a config is read ----------------------------------------------
+
+
+def _without_ruamel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a fresh `resillm serve`: ruamel not imported yet (restored after the test)."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "ruamel" or m.startswith("ruamel.")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+@pytest.mark.parametrize("text", [MINIMAL, "providers: [unclosed\n", MINIMAL + "bogus: 1\n"])
+def test_reading_a_config_lets_go_of_ruamel_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    import sys
+
+    _without_ruamel(monkeypatch)
+    path = write(tmp_path, text)
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        assert exc.issues[0].line is not None  # errors are still located
+    assert not [m for m in sys.modules if m.startswith("ruamel")]
+    assert load_config(write(tmp_path, MINIMAL, "again.yaml")).models  # a reload reads again
+
+
+def test_ruamel_imported_by_others_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    _without_ruamel(monkeypatch)
+    import ruamel.yaml  # e.g. the admin page's config view
+
+    load_config(write(tmp_path, MINIMAL))
+    assert sys.modules["ruamel.yaml"] is ruamel.yaml
