@@ -324,7 +324,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         ttft_c1_streams=50 if quick else 300,
         ttft_c8_streams=80 if quick else 400,
         held_streams=args.streams or (200 if quick else 1000),
-        rounds=2 if quick else 3,
+        rounds=2 if quick else 5,
         servers=SERVERS if args.server == "both" else (args.server,),
         features=FEATURES if args.features == "both" else (args.features,),
         wrk=shutil.which("wrk") is not None and not args.no_wrk,

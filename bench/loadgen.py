@@ -7,6 +7,7 @@ import itertools
 import math
 import os
 import re
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -103,17 +104,30 @@ class Samples:
     ttft_ms: dict[int, list[float]] = field(default_factory=lambda: {1: [], 8: []})
     gaps_us: list[float] = field(default_factory=list)
     stream_errors: int = 0
+    # Per throughput round: (requests answered, wall seconds, server CPU per request).
+    rounds: list[tuple[int, float, float]] = field(default_factory=list)
+
+    def throughput_round(self, ok: int, errors: int, wall: float, cpu: float) -> None:
+        self.ok, self.errors, self.wall = self.ok + ok, self.errors + errors, self.wall + wall
+        self.server_cpu += cpu
+        if ok + errors and wall > 0:
+            self.rounds.append((ok, wall, cpu / (ok + errors)))
 
     def into(self, figures: Figures) -> None:
+        """Throughput and CPU per request are the median of the rounds' figures: a burst
+        of other work on the machine during one round (or the first round's warming up)
+        does not decide them; totals would let it."""
         requests = self.ok + self.errors
         if self.wall > 0:
-            figures.rps = self.ok / self.wall
+            figures.rps = statistics.median(ok / wall for ok, wall, _ in self.rounds)
             figures.requests = requests
             figures.throughput_errors = self.errors
             figures.driver_cpu_share = self.driver_cpu / self.wall
             figures.server_cpu_share = self.server_cpu / self.wall
         if requests:
-            figures.server_cpu_ms_per_request = self.server_cpu * 1000 / requests
+            figures.server_cpu_ms_per_request = statistics.median(
+                cpu * 1000 for _, _, cpu in self.rounds
+            )
         figures.latency_p50_ms = percentile(self.latency_ms, 0.50)
         figures.latency_p99_ms = percentile(self.latency_ms, 0.99)
         figures.latency_errors = self.latency_errors
@@ -163,9 +177,7 @@ async def throughput_aiohttp(
     window, driver_start = CpuWindow(target), time.process_time()
     await asyncio.gather(*(worker() for _ in range(THROUGHPUT_CONCURRENCY)))
     cpu, wall = window.close()
-    samples.ok, samples.errors = samples.ok + ok, samples.errors + errors
-    samples.wall += wall
-    samples.server_cpu += cpu
+    samples.throughput_round(ok, errors, wall, cpu)
     samples.driver_cpu += time.process_time() - driver_start
 
 
@@ -213,10 +225,9 @@ async def throughput_wrk(target: Target, seconds: int, samples: Samples) -> None
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
     )
     requests, non_ok = int(total.group(1)), int(bad.group(1)) if bad else 0
-    samples.ok += requests - non_ok
-    samples.errors += non_ok + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
-    samples.wall += float(total.group(2)) * _WRK_UNITS[total.group(3)]
-    samples.server_cpu += cpu
+    errors = non_ok + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
+    wall = float(total.group(2)) * _WRK_UNITS[total.group(3)]
+    samples.throughput_round(requests - non_ok, errors, wall, cpu)
     samples.driver_cpu = math.nan  # wrk's, not measured
 
 

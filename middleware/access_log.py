@@ -26,7 +26,7 @@ from resillm.asgi import ASGIApp, Message, Receive, Scope, Send
 from resillm.config import LoggingConfig
 from resillm.context import SCOPE_KEY, RequestContext
 from resillm.errors import GatewayError
-from resillm.log import ACCESS_LOGGER
+from resillm.log import ACCESS_LOGGER, direct_handler
 from resillm.redact import redact_string, redact_value
 from resillm.schema import json_decoder
 
@@ -46,6 +46,9 @@ class AccessLogMiddleware:
         # Given every request's fields, logged or not (the admin page's recent requests).
         self.recent = recent
         self.logger = logging.getLogger(ACCESS_LOGGER)
+        # resillm's own JSON handler, when the line may go straight to it (a LogRecord and
+        # its handling cost more than the line itself).
+        self.direct = direct_handler(self.logger)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (not self.config.log_requests and self.recent is None):
@@ -94,7 +97,9 @@ class AccessLogMiddleware:
         if not self.logger.isEnabledFor(level):
             return None
         fields = self.fields(scope, ctx, response)
-        self.logger.log(level, "request", extra={"fields": fields})
+        direct = self.direct
+        if direct is None or not direct.write_fields(level, ACCESS_LOGGER, "request", fields):
+            self.logger.log(level, "request", extra={"fields": fields})
         return fields
 
     def fields(

@@ -79,11 +79,6 @@ class _ClientGone(Exception):
     """The client disconnected while its request waited for an identical one."""
 
 
-class Outcome(NamedTuple):
-    answer: CachedAnswer | None  # what the client got, when it is a whole success
-    store: bool  # whether to store it
-
-
 class CacheMiddleware:
     def __init__(
         self, app: ASGIApp, *, cache: ResponseCache, metrics: Metrics, aliases: Collection[str]
@@ -123,39 +118,32 @@ class CacheMiddleware:
                 flight = flights.lead(key) if policy.store else None
             elif policy.look:
                 try:
-                    answer = await self.wait(pending, receive)
+                    shared = await self.wait(pending, receive)
                 except _ClientGone:
                     ctx.status, ctx.error = 499, "client disconnected"
                     return
-                if answer is not None:
+                if shared is not None:
                     self.count("hit")
-                    await self.serve(ctx, answer, send)
+                    await self.serve(ctx, shared, send)
                     return
                 # The leader failed or is too slow: go upstream, as it did.
                 self.count("miss")
                 policy = policy._replace(look=False)
-        outcome = Outcome(None, False)
+        answer: CachedAnswer | None = None  # what the client got, when a whole success
         try:
-            outcome = await self.respond(ctx, key, policy, status, scope, receive, send)
+            if policy.look:  # a lookup (with no coroutine for the memory store)
+                lookup = self.cache.get_now(key) or await self.cache.get(key)
+                self.count(lookup.result)
+                if lookup.answer is not None:
+                    answer = lookup.answer
+                    await self.serve(ctx, answer, send)
+                    return
+            answer = await self.forward(ctx, scope, receive, send, status=status, record=True)
         finally:
             if flight is not None:
-                flights.land(key, flight, outcome.answer)
-        if outcome.store and outcome.answer is not None:
-            await self.cache.put(key, outcome.answer)
-
-    async def respond(
-        self, ctx: RequestContext, key: str, policy: Policy, status: str, scope: Scope,
-        receive: Receive, send: Send,
-    ) -> Outcome:  # fmt: skip
-        """A lookup (unless the policy says not to), then the app on a miss."""
-        if policy.look:
-            lookup = await self.cache.get(key)
-            self.count(lookup.result)
-            if lookup.answer is not None:
-                await self.serve(ctx, lookup.answer, send)
-                return Outcome(lookup.answer, False)
-        answer = await self.forward(ctx, scope, receive, send, status=status, record=True)
-        return Outcome(answer, policy.store)
+                flights.land(key, flight, answer)
+        if policy.store and answer is not None and not self.cache.put_now(key, answer):
+            await self.cache.put(key, answer)
 
     async def wait(
         self, pending: asyncio.Future[CachedAnswer | None], receive: Receive

@@ -33,6 +33,7 @@ from resillm.config_loader import (
     default_config_path,
     load_config,
 )
+from resillm.gc_freeze import HeapFreezer
 from resillm.metrics import Metrics
 from resillm.runtime import GatewayState, Runtime
 
@@ -68,6 +69,8 @@ class Gateway:
         self.tracing: Tracing | None = None
         self.span_exporter = span_exporter
         self.runtime: Runtime | None = None
+        # Set by `resillm serve`: the process is the gateway's (see resillm.gc_freeze).
+        self.freezer: HeapFreezer | None = None
         self.state: GatewayState | None = None
         self.metrics = Metrics()
         self.circuits = CircuitRegistry(
@@ -139,6 +142,8 @@ class Gateway:
                         "no auth.keys configured: the /v1 routes are open to anyone who can "
                         "reach this address"
                     )
+                if self.freezer is not None:
+                    self.freezer.freeze()
             return self.runtime
 
     async def reload(self) -> ReloadReport:
@@ -174,10 +179,14 @@ class Gateway:
         await self.cache.configure(applied.cache)
         if self.runtime is not None and self.state is not None:
             self.runtime = Runtime(applied, self.state, previous=self.runtime)
+            if self.freezer is not None:
+                self.freezer.reloaded()
         self.metrics.config_reloads.inc({"result": "success"})
         return ReloadReport(applied=True, restart_needed=changes.restart_needed, changes=changes)
 
     async def stop(self) -> None:
+        if self.freezer is not None:
+            self.freezer.stop()
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             await watcher.stop()

@@ -71,34 +71,48 @@ class Lookup(NamedTuple):
     result: Result  # "error": the store could not answer, the request went on without it
 
 
+class Flight:
+    """One leading request in flight. The future its waiters await is made when the first
+    one comes: most requests lead a flight no one joins, and pay for no future."""
+
+    __slots__ = ("waiters",)
+
+    def __init__(self) -> None:
+        self.waiters: asyncio.Future[CachedAnswer | None] | None = None
+
+
 class Flights:
     """Requests in flight by key: the first leads, identical ones arriving meanwhile wait
     for the answer it lands (``None`` when it failed: a failure is never shared)."""
 
     def __init__(self) -> None:
-        self._flights: dict[str, asyncio.Future[CachedAnswer | None]] = {}
+        self._flights: dict[str, Flight] = {}
 
     def __len__(self) -> int:
         return len(self._flights)
 
     def current(self, key: str) -> asyncio.Future[CachedAnswer | None] | None:
-        return self._flights.get(key)
+        """What to wait on for the answer of the flight in progress for ``key``, if any."""
+        flight = self._flights.get(key)
+        if flight is None:
+            return None
+        if flight.waiters is None:
+            flight.waiters = asyncio.get_running_loop().create_future()
+        return flight.waiters
 
-    def lead(self, key: str) -> asyncio.Future[CachedAnswer | None] | None:
+    def lead(self, key: str) -> Flight | None:
         """Take the lead for ``key``; ``None`` when another request already has it."""
         if key in self._flights:
             return None
-        flight: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
-        self._flights[key] = flight
+        flight = self._flights[key] = Flight()
         return flight
 
-    def land(
-        self, key: str, flight: asyncio.Future[CachedAnswer | None], answer: CachedAnswer | None
-    ) -> None:
+    def land(self, key: str, flight: Flight, answer: CachedAnswer | None) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
-        if not flight.done():
-            flight.set_result(answer)
+        waiters = flight.waiters
+        if waiters is not None and not waiters.done():
+            waiters.set_result(answer)
 
 
 class ResponseCache:
@@ -155,6 +169,16 @@ class ResponseCache:
             value = await self.store.get(key)
         except CacheUnavailable:
             return Lookup(None, "error")
+        return self._found(key, value)
+
+    def get_now(self, key: str) -> Lookup | None:
+        """:meth:`get` with no coroutine when the store is the memory one; ``None`` when it
+        is remote (then :meth:`get`)."""
+        if self.redis is not None:
+            return None
+        return self._found(key, self.memory.get_now(key))
+
+    def _found(self, key: str, value: bytes | None) -> Lookup:
         if value is None:
             return Lookup(None, "miss")
         try:
@@ -165,8 +189,18 @@ class ResponseCache:
 
     async def put(self, key: str, answer: CachedAnswer) -> None:
         """Store ``answer``; a store that is down is logged by the store and skipped."""
+        if self.put_now(key, answer):
+            return
         with contextlib.suppress(CacheUnavailable):
             await self.store.set(key, answer_encoder.encode(answer), self.config.ttl)
+
+    def put_now(self, key: str, answer: CachedAnswer) -> bool:
+        """:meth:`put` with no coroutine when the store is the memory one; False when it is
+        remote (then :meth:`put`)."""
+        if self.redis is not None:
+            return False
+        self.memory.set_now(key, answer_encoder.encode(answer), self.config.ttl)
+        return True
 
     async def _sweep(self) -> None:
         while True:

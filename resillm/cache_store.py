@@ -71,6 +71,13 @@ class MemoryCacheStore:
         self._evict()
 
     async def get(self, key: str) -> bytes | None:
+        return self.get_now(key)
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self.set_now(key, value, ttl_s)
+
+    def get_now(self, key: str) -> bytes | None:
+        """:meth:`get` without a coroutine (the cache layer's path when this is the store)."""
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -80,7 +87,7 @@ class MemoryCacheStore:
         self._entries.move_to_end(key)
         return entry.value
 
-    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+    def set_now(self, key: str, value: bytes, ttl_s: float) -> None:
         size = len(key) + len(value) + ENTRY_OVERHEAD_BYTES
         if key in self._entries:
             self._remove(key)

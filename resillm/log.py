@@ -31,6 +31,7 @@ LIBRARY_LOGGERS = ("opentelemetry",)
 LIBRARY_REPEAT_S = 60.0  # one line per message template this often: no retry-by-retry spam
 REQUEST_ID: ContextVar[str | None] = ContextVar("resillm_request_id", default=None)
 _encoder = msgspec.json.Encoder()
+_LEVEL_NAMES = {logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
 _PLAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:/-+")
 
 
@@ -43,19 +44,32 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class _Timestamps:
+    """``2026-01-01T12:00:00.123Z``, the date and time formatted once a second, not once a
+    line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, created: float, msecs: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._text}.{int(msecs):03d}Z"
+
+
 class JSONFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "msg", ...fields}``; ``fields`` come from ``extra``."""
 
-    _second = -1
-    _second_text = ""
+    def __init__(self) -> None:
+        super().__init__()
+        self.timestamp = _Timestamps()
 
     def format(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
-        if second != self._second:  # formatted once a second, not once a line
-            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
         line: dict[str, Any] = {
-            "ts": f"{self._second_text}.{int(record.msecs):03d}Z",
+            "ts": self.timestamp(record.created, record.msecs),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -114,12 +128,39 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
                                       errors="backslashreplace", newline="\n")  # fmt: skip
         super().__init__(stream)
         self._stop = threading.Event()
+        self.closed = False
         thread = threading.Thread(target=self._flush_often, name="resillm-log", daemon=True)
         thread.start()
         atexit.register(self.close)
 
     def flush(self) -> None:  # called by emit: defer unless the record was important
         return None
+
+    def write_fields(self, level: int, name: str, message: str, fields: dict[str, Any]) -> bool:
+        """Write a line as ``JSONFormatter`` formats ``fields`` logged by ``name``, without
+        the ``LogRecord`` and handler machinery: the access log's path, a line per request.
+        False (nothing written) unless this handler is in place, open and formats JSON;
+        the caller then logs the usual way."""
+        formatter = self.formatter
+        if self.closed or not isinstance(formatter, JSONFormatter) or level < self.level:
+            return False
+        now = time.time()
+        line = {
+            "ts": formatter.timestamp(now, (now - int(now)) * 1000),
+            "level": _LEVEL_NAMES.get(level) or logging.getLevelName(level).lower(),
+            "logger": name,
+            "msg": message,
+            **fields,
+        }
+        text = _encoder.encode(line).decode() + "\n"
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError):  # stderr closed
+                return True
+        if level >= logging.WARNING:
+            self.flush_now()
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
         super().emit(record)
@@ -136,6 +177,7 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.flush_now()
 
     def close(self) -> None:
+        self.closed = True
         self._stop.set()
         self.flush_now()
         super().close()
@@ -186,3 +228,24 @@ def configure_logging(config: LoggingConfig) -> None:
         forward = LibraryHandler(handler)
         forward._resillm = True  # type: ignore[attr-defined]
         library.addHandler(forward)
+
+
+def direct_handler(logger: logging.Logger) -> BufferedStderrHandler | None:
+    """The handler ``logger``'s records reach, when it is resillm's own alone (as
+    :func:`configure_logging` sets it up, and no one added filters or handlers on the
+    way): lines for it may be written with ``write_fields``. None otherwise."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        if current.handlers:
+            handlers = current.handlers
+            if current.propagate or len(handlers) != 1:
+                return None
+            handler = handlers[0]
+            plain = [type(f) for f in handler.filters] in ([], [RequestIdFilter])
+            if isinstance(handler, BufferedStderrHandler) and plain:
+                return handler
+            return None
+        current = current.parent if current.propagate else None
+    return None

@@ -24,6 +24,7 @@ from resillm.app import Gateway
 from resillm.asgi import ASGIApp
 from resillm.config import Config
 from resillm.config_loader import ConfigError, load_config
+from resillm.gc_freeze import HeapFreezer
 from resillm.hypercorn_fix import release_closed_connections
 from resillm.hypercorn_lean import lighten_hypercorn
 from resillm.log import configure_logging
@@ -119,7 +120,7 @@ def serve(options: ServeOptions) -> int:
     hyper = hypercorn_config(config, [bind])
     if workers > 1:
         return _serve_hypercorn_workers(options.config_path, hyper, workers)
-    gateway = Gateway(config, options.config_path)
+    gateway = served_gateway(config, options.config_path)
     run_loop(lambda: _serve_one(gateway, hyper))
     return 0
 
@@ -201,4 +202,11 @@ def worker_app() -> Gateway:
     path = os.environ["RESILLM_CONFIG"]
     config = load_config(path)
     configure_logging(config.logging)
-    return Gateway(config, path)
+    return served_gateway(config, path)
+
+
+def served_gateway(config: Config, path: str) -> Gateway:
+    """The gateway of a process that is the gateway's alone (`resillm serve`, a worker)."""
+    gateway = Gateway(config, path)
+    gateway.freezer = HeapFreezer()  # its collector is ours to tune (resillm.gc_freeze)
+    return gateway

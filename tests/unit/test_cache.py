@@ -401,25 +401,28 @@ async def test_turning_the_cache_off_empties_the_memory_store() -> None:
 async def test_a_flight_has_one_leader_and_lands_once() -> None:
     flights = Flights()
     flight = flights.lead("k")
-    assert flight is not None
-    assert flights.lead("k") is None and flights.current("k") is flight
+    assert flight is not None and flight.waiters is None  # no one waits: no future made
+    assert flights.lead("k") is None
+    waiters = flights.current("k")
+    assert waiters is not None and flights.current("k") is waiters  # one for all waiters
     flights.land("k", flight, TEXT)
-    assert await flight == TEXT
+    assert await waiters == TEXT
     assert flights.current("k") is None and len(flights) == 0
     flights.land("k", flight, None)  # a second landing changes nothing
-    assert flight.result() == TEXT
+    assert waiters.result() == TEXT
 
 
 @pytest.mark.anyio
 async def test_waiting_on_a_flight_is_cancellable() -> None:
     flights = Flights()
     flight = flights.lead("k")
-    assert flight is not None
+    waiters = flights.current("k")
+    assert flight is not None and waiters is not None
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.01):
-            await asyncio.shield(flight)
+            await asyncio.shield(waiters)
     flights.land("k", flight, None)
-    assert flight.result() is None
+    assert waiters.result() is None
 
 
 # -- config --------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from resillm.log import (
     RequestIdFilter,
     TextFormatter,
     configure_logging,
+    direct_handler,
 )
 
 pytestmark = pytest.mark.anyio
@@ -420,3 +421,48 @@ def test_configure_logging_writes_json_lines_with_request_ids(
     assert record["msg"] == "slow upstream"
     assert record["request_id"] == "req_abc"
     assert record["logger"] == "resillm.providers"
+
+
+@pytest.mark.usefixtures("restore_resillm_logger")
+async def test_access_lines_go_straight_to_the_json_handler_as_it_would_format_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    configure_logging(LoggingConfig(level="info", format="json"))
+    handler = direct_handler(logging.getLogger(ACCESS_LOGGER))
+    assert handler is not None and handler.formatter is not None
+    fields = {"request_id": "req_1", "status": 502, "model": "chat", "error": "upstream"}
+    assert handler.write_fields(logging.WARNING, ACCESS_LOGGER, "request", fields)
+    record = logging.LogRecord(ACCESS_LOGGER, logging.WARNING, "", 0, "request", None, None)
+    record.fields = fields
+    expected = json.loads(handler.formatter.format(record))
+    (line,) = stream.getvalue().splitlines()  # a warning: flushed at once
+    written = json.loads(line)
+    assert written.pop("ts")[:16] == expected.pop("ts")[:16]  # same format, same minute
+    assert list(written.items()) == list(expected.items())  # same keys, order and values
+    # Through the gateway: the access line of a request is written the same way.
+    (response,) = await run(gateway_config(), chat())
+    handler.flush_now()
+    access = [json.loads(x) for x in stream.getvalue().splitlines()[1:] if '"resillm.access"' in x]
+    assert [a["status"] for a in access] == [200]
+    assert access[0]["request_id"] == response.header(b"x-request-id").decode()  # type: ignore[union-attr]
+
+
+@pytest.mark.usefixtures("restore_resillm_logger")
+def test_a_host_handler_or_text_format_gets_access_records_the_usual_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    configure_logging(LoggingConfig(level="info", format="json"))
+    access = logging.getLogger(ACCESS_LOGGER)
+    host = Capture()
+    access.addHandler(host)
+    try:
+        assert direct_handler(access) is None  # the host's handler must see every record
+    finally:
+        access.removeHandler(host)
+    configure_logging(LoggingConfig(level="info", format="text"))
+    handler = direct_handler(access)
+    assert handler is not None
+    assert not handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {"status": 200})
