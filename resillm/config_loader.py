@@ -11,12 +11,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import sys
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import msgspec
@@ -37,9 +34,9 @@ from resillm.config import (
     TracingConfig,
 )
 from resillm.config_env import expand, hide_env_tokens, unhide
+from resillm.config_yaml import ConfigPath, YamlProblem, yaml_document
 from resillm.durations import Duration, parse_duration
 
-ConfigPath = tuple[str | int, ...]
 _AT_RE = re.compile(r"^(.*) - at `\$(.*)`$", re.S)
 _PATH_TOKEN_RE = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
 _SECTIONS: dict[str, type[Any]] = {
@@ -103,72 +100,18 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([ConfigIssue("", "config is nested too deeply", name)]) from None
 
 
-@contextmanager
-def _ruamel() -> Iterator[ModuleType]:
-    """``ruamel.yaml`` for one load, and let go of afterwards unless it was loaded before:
-    its modules, about 1.5 MB, would otherwise stay in every gateway process for the sake
-    of a reload now and then (which imports it again, in some 10 ms)."""
-    loaded = "ruamel.yaml" in sys.modules
-    import ruamel.yaml
-    import ruamel.yaml.error
-
-    try:
-        yield ruamel.yaml
-    finally:
-        if not loaded:
-            for module in [m for m in sys.modules if m == "ruamel" or m.startswith("ruamel.")]:
-                del sys.modules[module]
-
-
 def _load_document(name: str, text: str, tokens: list[str]) -> Config:
-    with _ruamel() as yaml:
-        document, error = _parse(yaml, name, text)
-        if error is not None:
-            raise error
-        return _Validator(name, _locate(document), tokens).run(document)
-
-
-def _parse(yaml: ModuleType, name: str, text: str) -> tuple[Any, ConfigError | None]:
-    """The YAML document, or the error to raise (outside ruamel's ``except`` clauses: a
-    traceback would hold its frames, and through them the modules being let go of)."""
     try:
-        return yaml.YAML(typ="rt", pure=True).load(text), None
-    except yaml.error.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        message = " ".join(str(p) for p in (exc.context, exc.problem) if p)
-        line = mark.line + 1 if mark is not None else None
-        column = mark.column + 1 if mark is not None else None
-        return None, ConfigError([ConfigIssue("", f"invalid YAML: {message}", name, line, column)])
-    except yaml.error.YAMLError as exc:  # unmarked: a control character the reader refuses
-        return None, ConfigError([ConfigIssue("", f"invalid YAML: {exc}", name)])
-    except TypeError:  # ruamel cannot hash a mapping or list used as a key: "? {a: 1}"
-        return None, ConfigError([ConfigIssue("", "invalid YAML: a key must be a scalar", name)])
-    except (IndexError, ValueError):  # ruamel's own slips on odd scalars, such as "+_"
-        return None, ConfigError([ConfigIssue("", "invalid YAML: unreadable scalar", name)])
+        with yaml_document(text) as (document, locations):
+            return _Validator(name, locations, tokens).run(document)
+    except YamlProblem as exc:
+        issue = ConfigIssue("", f"invalid YAML: {exc.message}", name, exc.line, exc.column)
+        raise ConfigError([issue]) from None
 
 
 def config_from_dict(data: Mapping[str, Any], source: str | None = None) -> Config:
     """Validate plain data (already parsed) with the same rules as a file."""
     return _Validator(source, {}, []).run(data)
-
-
-def _locate(
-    node: Any, path: ConfigPath = (), out: dict[ConfigPath, tuple[int, int]] | None = None
-) -> dict[ConfigPath, tuple[int, int]]:
-    """Map each key path to its 1-based (line, column) in the YAML document."""
-    out = {} if out is None else out
-    # ruamel's CommentedMap and CommentedSeq, told by their line and column records.
-    if isinstance(node, dict) and hasattr(node, "lc"):
-        for key in node:
-            line, col = node.lc.key(key)
-            out[(*path, str(key))] = (line + 1, col + 1)
-            _locate(node[key], (*path, str(key)), out)
-    elif isinstance(node, list) and hasattr(node, "lc"):
-        for index, item in enumerate(node):
-            line, col = node.lc.item(index)
-            out[(*path, index)] = (line + 1, col + 1)
-            _locate(item, (*path, index), out)
-    return out
 
 
 def _dec_hook(tp: type[Any], obj: Any) -> Any:
