@@ -19,6 +19,7 @@ LEAVES = {
     "resillm.config_diff",
     "resillm.config_env",
     "resillm.config_loader",
+    "resillm.config_yaml",
     "resillm.context",
     "resillm.durations",
     "resillm.errors",
