@@ -11,10 +11,12 @@ seldom moved: at one chunk a second on a thousand streams it fires about once pe
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import weakref
 from typing import Protocol
 
+logger = logging.getLogger("resillm.providers")
 # A deadline this close is due: the loop's timers may fire a little early.
 _RESOLUTION_S = 0.001
 
@@ -53,12 +55,17 @@ class IdleWatch:
         loop = asyncio.get_running_loop()
         now = loop.time() + _RESOLUTION_S
         deadlines = self._deadlines
-        for idler in [i for i, deadline in deadlines.items() if deadline <= now]:
+        expired = [i for i, deadline in deadlines.items() if deadline <= now]
+        for idler in expired:
             del deadlines[idler]
-            idler.idle_expired()
-        if deadlines:
+        if deadlines:  # set again before anyone is told
             self._timer_at = min(deadlines.values())
             self._timer = loop.call_at(self._timer_at, self._fire)
+        for idler in expired:
+            try:
+                idler.idle_expired()
+            except Exception:  # one stream's failure must not leave the others untold
+                logger.exception("stream idle limit: could not end a silent stream")
 
 
 _WATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IdleWatch] = (

@@ -86,7 +86,7 @@ class Mailbox:
         _wake(self._getters)
 
 
-async def _wait(waiters: list[asyncio.Future[None]], ready: Any) -> None:
+async def _wait(waiters: list[asyncio.Future[None]], ready: Callable[[], bool]) -> None:
     future = asyncio.get_running_loop().create_future()
     waiters.append(future)
     try:

@@ -76,3 +76,16 @@ async def test_each_loop_has_its_own_watch() -> None:
 
 async def _watch_of_a_new_loop() -> IdleWatch:
     return idle_watch()
+
+
+async def test_one_stream_failing_to_end_leaves_the_others_told() -> None:
+    class Broken:
+        def idle_expired(self) -> None:
+            raise RuntimeError("already closed")
+
+    watch, stream, later = IdleWatch(), Stream(), Stream()
+    watch.waiting(Broken(), 0.02)
+    watch.waiting(stream, 0.02)
+    watch.waiting(later, 0.1)  # the timer must be set again for this one
+    await asyncio.wait_for(stream.expired.wait(), 1)
+    await asyncio.wait_for(later.expired.wait(), 1)
