@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from resillm import gc_freeze
+from resillm.app import create_app
 from resillm.gc_freeze import HeapFreezer
 from resillm.server import served_gateway
 
@@ -49,12 +51,8 @@ async def test_stopping_cancels_a_pending_refreeze(monkeypatch: pytest.MonkeyPat
     assert gc.get_freeze_count() == 0
 
 
-def test_the_served_gateway_freezes_and_a_mounted_one_does_not(tmp_path: object) -> None:
-    from pathlib import Path
-
-    from resillm.app import create_app
-
-    config = Path(str(tmp_path)) / "resillm.yaml"
+def test_the_served_gateway_freezes_and_a_mounted_one_does_not(tmp_path: Path) -> None:
+    config = tmp_path / "resillm.yaml"
     config.write_text(
         "providers: {m: {type: mock}}\nmodels: {chat: {targets: [{provider: m, model: m}]}}\n"
     )
