@@ -8,9 +8,11 @@ gets ``x-resillm-cache``:
   with no upstream call: as JSON, or as an SSE stream synthesised from the stored answer
   when the client asked to stream. ``x-resillm-attempts: 0``; ``ctx.usage`` stays empty and
   the budget bills nothing.
-- ``miss``: looked up, not found; the response is forwarded message by message as it comes
-  (never buffered) while its answer is assembled on the side, and stored only when it is a
-  complete success: status 200 and, for a stream, ``[DONE]`` with no error event before it.
+- ``miss``: looked up, not found; the response is forwarded as it comes (never buffered)
+  and its answer stored when it is a complete success. A JSON answer is the router's body
+  (status 200), kept as is and read only when served: one whose choices did not all finish
+  is then a miss. A stream's answer is assembled on the side as its events pass, and kept
+  when it started with 200 and ended with ``[DONE]``, no error event before it.
 - ``bypass``: not looked up. The client sent ``Cache-Control: no-cache`` (or ``max-age=0``):
   the answer still refreshes the entry. Or the request is not cacheable: ``n`` > 1,
   ``logprobs`` or audio output (the stored answer keeps one text per choice and no
@@ -39,13 +41,22 @@ from typing import Any, NamedTuple
 from middleware.request import CHAT_COMPLETIONS
 from resillm.asgi import ASGIApp, Headers, Message, Receive, Scope, Send, send_json
 from resillm.cache import ResponseCache, cache_key
-from resillm.cache_answer import AnswerRecorder, CachedAnswer, completion_json, stream_events
+from resillm.cache_answer import (
+    AnswerRecorder,
+    CachedAnswer,
+    CachedBody,
+    Stored,
+    completion_json,
+    readable,
+    stream_events,
+)
 from resillm.context import RequestContext
 from resillm.errors import GatewayError
 from resillm.metrics import Metrics
 from resillm.schema import ChatCompletionRequest
 
-CACHE_HEADER = "x-resillm-cache"
+CACHE_HEADER_NAME = "x-resillm-cache"
+CACHE_HEADER = CACHE_HEADER_NAME.encode()
 # The router's SSE headers (middleware cannot import the router).
 SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -62,17 +73,26 @@ class Policy(NamedTuple):
     store: bool  # store the answer (no ``no-store``)
 
 
+USUAL = Policy(True, True, True)  # no Cache-Control: what nearly every request gets
+UNCACHEABLE = Policy(False, False, False)
+
+
 def request_policy(scope: Scope, request: ChatCompletionRequest, raw: dict[str, object]) -> Policy:
-    directives: set[str] = set()
+    if request.n not in (None, 1) or request.logprobs or raw.get("audio") is not None:
+        return UNCACHEABLE
+    modalities = raw.get("modalities")
+    if isinstance(modalities, list) and "audio" in modalities:
+        return UNCACHEABLE
+    directives: set[str] | None = None
     for name, value in scope.get("headers", ()):
         if name == b"cache-control":
+            directives = directives or set()
             directives.update(d.strip().lower() for d in value.decode("latin-1").split(","))
+    if directives is None:
+        return USUAL
     look = not ({"no-cache", "max-age=0"} & directives)
     store = "no-store" not in directives
-    modalities = raw.get("modalities")
-    audio = raw.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities)
-    cacheable = (request.n or 1) == 1 and not request.logprobs and not audio
-    return Policy(cacheable and (look or store), look, store)
+    return Policy(look or store, look, store)
 
 
 class _ClientGone(Exception):
@@ -129,7 +149,7 @@ class CacheMiddleware:
                 # The leader failed or is too slow: go upstream, as it did.
                 self.count("miss")
                 policy = policy._replace(look=False)
-        answer: CachedAnswer | None = None  # what the client got, when a whole success
+        answer: Stored | None = None  # what the client got, when a whole success
         try:
             if policy.look:  # a lookup (with no coroutine for the memory store)
                 lookup = self.cache.get_now(key) or await self.cache.get(key)
@@ -146,9 +166,10 @@ class CacheMiddleware:
             await self.cache.put(key, answer)
 
     async def wait(
-        self, pending: asyncio.Future[CachedAnswer | None], receive: Receive
+        self, pending: asyncio.Future[Stored | None], receive: Receive
     ) -> CachedAnswer | None:
-        """The leader's answer; ``None`` when it failed or took over ``coalesce_timeout``.
+        """The leader's answer; ``None`` when it failed, it is not a complete answer, or it
+        took over ``coalesce_timeout``.
 
         Listens for ``http.disconnect`` meanwhile (hypercorn's only sign of a gone client);
         anything else on ``receive`` ends the listening, never the wait."""
@@ -166,43 +187,41 @@ class CacheMiddleware:
         finally:
             if listener is not None and not listener.done():
                 listener.cancel()
-        return pending.result() if pending.done() else None
+        shared = pending.result() if pending.done() else None
+        return None if shared is None else readable(shared)
 
     async def forward(
         self, ctx: RequestContext, scope: Scope, receive: Receive, send: Send, *, status: str,
         record: bool,
-    ) -> CachedAnswer | None:  # fmt: skip
-        """Pass the request on, the header added; assemble the answer when ``record``."""
+    ) -> Stored | None:  # fmt: skip
+        """Pass the request on, the header added; the answer when ``record`` and the
+        response was a whole success. A JSON answer is the body the router sent, kept as is;
+        a stream's is assembled from its events as they pass."""
         ctx.cache = status
-        header = (CACHE_HEADER.encode(), status.encode())
-        recorder = AnswerRecorder(stream=ctx.stream) if record else None
-        succeeded = False
-
-        async def send_recording_answer(message: Message) -> None:
-            nonlocal succeeded
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), header]
-                succeeded = message["status"] == 200
-            await send(message)
-            if recorder is not None and succeeded and message["type"] == "http.response.body":
-                recorder.feed(message.get("body", b""))
-
+        ctx.headers_out += ((CACHE_HEADER, status.encode()),)
+        recorder = AnswerRecorder(stream=True) if record and ctx.stream else None
         try:
-            await self.app(scope, receive, send_recording_answer)
+            await self.app(scope, receive, send if recorder is None else recording(recorder, send))
         except GatewayError as exc:  # rendered by the errors layer: it takes our header too
-            exc.headers.setdefault(CACHE_HEADER, status)
+            exc.headers.setdefault(CACHE_HEADER_NAME, status)
             raise
-        if recorder is None or not succeeded or ctx.provider is None:
+        provider = ctx.provider
+        if not record or provider is None:
             return None
-        return recorder.answer(provider=ctx.provider, model=ctx.upstream_model, usage=ctx.usage)
+        if recorder is None:
+            body = ctx.answer_body
+            return None if body is None else CachedBody(ctx.upstream_model or "", provider, body)
+        if not recorder.succeeded:
+            return None
+        return recorder.answer(provider=provider, model=ctx.upstream_model, usage=ctx.usage)
 
     async def serve(self, ctx: RequestContext, answer: CachedAnswer, send: Send) -> None:
         """Answer from ``answer`` without going upstream."""
         ctx.cache = "hit"
         ctx.usage = None  # nothing was spent: the budget bills 0
         ctx.provider, ctx.upstream_model, ctx.attempts = answer.provider, answer.model, 0
+        ctx.headers_out += ((CACHE_HEADER, b"hit"),)
         headers: Headers = [
-            (CACHE_HEADER.encode(), b"hit"),
             (b"x-resillm-provider", answer.provider.encode()),
             (b"x-resillm-model", answer.model.encode()),
             (b"x-resillm-attempts", b"0"),
@@ -225,6 +244,20 @@ class CacheMiddleware:
 
     def count(self, result: str) -> None:
         self.metrics.count(self.metrics.cache_requests, (("result", result),))
+
+
+def recording(recorder: AnswerRecorder, send: Send) -> Send:
+    """``send`` that feeds a streamed response's events to ``recorder`` once it started
+    with status 200."""
+
+    async def send_recording_answer(message: Message) -> None:
+        await send(message)
+        if message["type"] == "http.response.start":
+            recorder.succeeded = message["status"] == 200
+        elif recorder.succeeded and message["type"] == "http.response.body":
+            recorder.feed(message.get("body", b""))
+
+    return send_recording_answer
 
 
 def _disconnected(listener: asyncio.Future[Message]) -> bool:

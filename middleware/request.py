@@ -113,16 +113,17 @@ class RequestMiddleware:
 
 
 def responding(ctx: RequestContext, send: Send) -> Send:
-    """``send`` that adds ``x-request-id`` to the response and notes its status in the
-    context: the one wrapper every response passes, so the layers outside (errors, metrics,
-    access log) read whether and how the response started there instead of each wrapping
+    """``send`` that adds ``x-request-id`` and the inner layers' ``ctx.headers_out`` to the
+    response and notes its status in the context: the one wrapper every response passes, so
+    the layers outside (errors, metrics, access log) read whether and how the response
+    started there, and those inside add their headers there, instead of each wrapping
     ``send`` again (a closure per layer per request, and a call per layer per chunk)."""
 
     async def send_with_request_id(message: Message) -> None:
         if message["type"] == "http.response.start":
             ctx.response_status = message["status"]
             id_header = (b"x-request-id", ctx.request_id.encode())
-            message["headers"] = [*message.get("headers", ()), id_header]
+            message["headers"] = [*message.get("headers", ()), *ctx.headers_out, id_header]
         await send(message)
 
     return send_with_request_id

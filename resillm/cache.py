@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
-from resillm.cache_answer import CachedAnswer, answer_decoder, answer_encoder
+from resillm.cache_answer import CachedAnswer, Stored, answer_decoder, answer_encoder, readable
 from resillm.cache_store import CacheStore, CacheUnavailable, MemoryCacheStore, RedisCacheStore
 from resillm.config import CacheConfig
 
@@ -44,7 +44,7 @@ IGNORED_FIELDS = frozenset(
         "safety_identifier",
     }
 )
-KEY_VERSION = b"v1"  # bump when the key or the stored answer changes shape
+KEY_VERSION = b"v2"  # bump when the key or the stored answer changes shape
 SWEEP_INTERVAL_S = 60.0
 _key_encoder = msgspec.json.Encoder(order="sorted")
 
@@ -78,7 +78,7 @@ class Flight:
     __slots__ = ("waiters",)
 
     def __init__(self) -> None:
-        self.waiters: asyncio.Future[CachedAnswer | None] | None = None
+        self.waiters: asyncio.Future[Stored | None] | None = None
 
 
 class Flights:
@@ -91,7 +91,7 @@ class Flights:
     def __len__(self) -> int:
         return len(self._flights)
 
-    def current(self, key: str) -> asyncio.Future[CachedAnswer | None] | None:
+    def current(self, key: str) -> asyncio.Future[Stored | None] | None:
         """What to wait on for the answer of the flight in progress for ``key``, if any."""
         flight = self._flights.get(key)
         if flight is None:
@@ -107,7 +107,7 @@ class Flights:
         flight = self._flights[key] = Flight()
         return flight
 
-    def land(self, key: str, flight: Flight, answer: CachedAnswer | None) -> None:
+    def land(self, key: str, flight: Flight, answer: Stored | None) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
         waiters = flight.waiters
@@ -182,19 +182,20 @@ class ResponseCache:
         if value is None:
             return Lookup(None, "miss")
         try:
-            return Lookup(answer_decoder.decode(value), "hit")
+            answer = readable(answer_decoder.decode(value))
         except msgspec.DecodeError:  # written by another version: treat as absent
             logger.debug("cache: unreadable entry %s ignored", key)
             return Lookup(None, "miss")
+        return Lookup(None, "miss") if answer is None else Lookup(answer, "hit")
 
-    async def put(self, key: str, answer: CachedAnswer) -> None:
+    async def put(self, key: str, answer: Stored) -> None:
         """Store ``answer``; a store that is down is logged by the store and skipped."""
         if self.put_now(key, answer):
             return
         with contextlib.suppress(CacheUnavailable):
             await self.store.set(key, answer_encoder.encode(answer), self.config.ttl)
 
-    def put_now(self, key: str, answer: CachedAnswer) -> bool:
+    def put_now(self, key: str, answer: Stored) -> bool:
         """:meth:`put` with no coroutine when the store is the memory one; False when it is
         remote (then :meth:`put`)."""
         if self.redis is not None:

@@ -49,7 +49,7 @@ class CachedChoice(msgspec.Struct, array_like=True):
     finish_reason: str
 
 
-class CachedAnswer(msgspec.Struct, array_like=True):
+class CachedAnswer(msgspec.Struct, array_like=True, tag="a"):
     """A complete, successful answer: enough to rebuild the JSON or the stream."""
 
     model: str  # the upstream model that produced it
@@ -59,8 +59,28 @@ class CachedAnswer(msgspec.Struct, array_like=True):
     system_fingerprint: str | None = None
 
 
+class CachedBody(msgspec.Struct, array_like=True, tag="b"):
+    """A JSON answer stored as the upstream's body, read only when it is served: most
+    answers are stored and never asked for again, so they are not decoded to be stored."""
+
+    model: str  # the upstream model, where the body does not say
+    provider: str
+    body: bytes
+
+
+Stored = CachedAnswer | CachedBody
 answer_encoder = msgspec.msgpack.Encoder()
-answer_decoder = msgspec.msgpack.Decoder(CachedAnswer)
+answer_decoder = msgspec.msgpack.Decoder(Stored)
+
+
+def readable(stored: Stored) -> CachedAnswer | None:
+    """The answer a stored entry holds; ``None`` when a stored body is not a complete answer
+    (then it is as good as absent)."""
+    if isinstance(stored, CachedAnswer):
+        return stored
+    recorder = AnswerRecorder(stream=False)
+    recorder.feed(stored.body)
+    return recorder.answer(provider=stored.provider, model=stored.model)
 
 
 # -- assembly ------------------------------------------------------------------------------
@@ -177,10 +197,12 @@ class AnswerRecorder:
         "_model",
         "_usage",
         "stream",
+        "succeeded",
     )
 
     def __init__(self, *, stream: bool) -> None:
         self.stream = stream
+        self.succeeded = False  # the response started with status 200 (set by its feeder)
         self._body: list[bytes] = []
         self._choices: dict[int, _ChoiceParts] = {}
         self._model = ""

@@ -19,6 +19,7 @@ class RequestContext:
 
     __slots__ = (
         "alias",
+        "answer_body",
         "attempt_log",
         "attempts",
         "body",
@@ -28,6 +29,7 @@ class RequestContext:
         "error",
         "fallback_log",
         "fallbacks",
+        "headers_out",
         "malformed_events",
         "provider",
         "raw",
@@ -77,6 +79,12 @@ class RequestContext:
         self.response_status = 0  # the status the response started with; 0 until then
         self.error: str | None = None
         self.cache: str | None = None
+        # Headers the layers inside add to the response (the request layer's ``send`` adds
+        # them to the response's start), e.g. the cache layer's ``x-resillm-cache``.
+        self.headers_out: tuple[tuple[bytes, bytes], ...] = ()
+        # The JSON body of a non-streamed answer the router sent with status 200, as sent
+        # (the cache layer stores it).
+        self.answer_body: bytes | None = None
         # Set by the tracing layer when tracing is on; the failover loop checks it per attempt.
         self.tracer: RequestTracer | None = None
         # The text of choice 0 a stream delivered, as UTF-8 (the relay's own buffer, for the

@@ -155,7 +155,7 @@ class Router:
         target, completion = await self.failover.run(ctx, route, attempt, chain=chain)
         ctx.provider, ctx.upstream_model = target.provider, completion.model
         ctx.usage = completion.usage
-        body = completion.body
+        body = ctx.answer_body = completion.body
         headers = [
             JSON_CONTENT_TYPE,
             (b"content-length", str(len(body)).encode()),

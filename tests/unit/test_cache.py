@@ -12,6 +12,7 @@ from resillm.cache import IGNORED_FIELDS, Flights, ResponseCache, cache_key
 from resillm.cache_answer import (
     AnswerRecorder,
     CachedAnswer,
+    CachedBody,
     CachedChoice,
     CachedToolCall,
     answer_decoder,
@@ -363,7 +364,7 @@ def test_replayed_tool_call_sends_id_and_name_then_arguments() -> None:
 
 
 def test_answers_round_trip_through_msgpack() -> None:
-    for answer in (TEXT, TOOL):
+    for answer in (TEXT, TOOL, CachedBody("m", "p", b'{"choices":[]}')):
         assert answer_decoder.decode(answer_encoder.encode(answer)) == answer
 
 
@@ -380,6 +381,30 @@ async def test_cache_stores_and_finds_an_answer() -> None:
         assert await cache.get("k") == (TOOL, "hit")
     finally:
         await cache.stop()
+
+
+@pytest.mark.anyio
+async def test_a_stored_json_body_is_read_into_its_answer_when_found() -> None:
+    body = (
+        b'{"id":"x","model":"m-2","system_fingerprint":"fp","choices":[{"index":0,'
+        b'"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
+        b'"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}'
+    )
+    cache = ResponseCache(CacheConfig(enabled=True))
+    await cache.put("k", CachedBody("m-fallback", "p", body))
+    found = await cache.get("k")
+    assert found == (
+        CachedAnswer("m-2", "p", [CachedChoice(0, "hi", None, None, "stop")], USAGE, "fp"),
+        "hit",
+    )
+
+
+@pytest.mark.anyio
+async def test_a_stored_json_body_that_is_not_a_whole_answer_is_a_miss() -> None:
+    unfinished = b'{"model":"m","choices":[{"index":0,"message":{"content":"hi"}}]}'
+    cache = ResponseCache(CacheConfig(enabled=True))
+    await cache.put("k", CachedBody("m", "p", unfinished))
+    assert await cache.get("k") == (None, "miss")
 
 
 @pytest.mark.anyio

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from middleware.cache import CacheMiddleware
-from middleware.request import CHAT_COMPLETIONS, parse_chat_request
+from middleware.request import CHAT_COMPLETIONS, parse_chat_request, responding
 from resillm.asgi import Message, Receive, Scope, Send, send_json
 from resillm.cache import ResponseCache
 from resillm.config import CacheConfig
@@ -62,7 +62,10 @@ class Upstream:
         ctx = RequestContext.of(scope)
         ctx.provider, ctx.upstream_model, ctx.usage, ctx.attempts = "up", "up-model", USAGE, 1
         if not ctx.stream:
-            await send_json(send, self.status, answer_body())
+            body = answer_body()
+            if self.status == 200:  # as the router does: the body it answers with
+                ctx.answer_body = body
+            await send_json(send, self.status, body)
             return
         await send({"type": "http.response.start", "status": self.status, "headers": []})
         for data in (
@@ -125,7 +128,8 @@ class Harness:
     ) -> tuple[RequestContext, Recorder]:
         scope = scope_for(body, headers)
         send = Recorder()
-        await self.layer(scope, receive, send)
+        # The request layer's send: it adds the headers the layers inside set.
+        await self.layer(scope, receive, responding(RequestContext.of(scope), send))
         return RequestContext.of(scope), send
 
     def counted(self, result: str) -> float:
@@ -159,6 +163,25 @@ async def test_a_stream_is_stored_once_it_ended_with_done_and_replayed_as_json()
     ctx, sent = await h.call(HELLO)
     assert h.upstream.calls == 1 and ctx.cache == "hit"
     assert json.loads(sent.body)["choices"][0]["message"]["content"] == "hello"
+
+
+async def test_a_json_answer_without_a_finish_reason_is_never_served() -> None:
+    h = Harness(Upstream())
+    unfinished = answer_body().replace(b'"finish_reason": "stop"', b'"finish_reason": null')
+    assert unfinished != answer_body()
+
+    async def router(scope: Scope, receive: Receive, send: Send) -> None:
+        h.upstream.calls += 1
+        ctx = RequestContext.of(scope)
+        ctx.provider, ctx.upstream_model, ctx.answer_body = "up", "up-model", unfinished
+        await send_json(send, 200, unfinished)
+
+    h.layer.app = router
+    await h.call()
+    ctx, sent = await h.call()
+    assert h.upstream.calls == 2 and ctx.cache == "miss"
+    assert sent.headers[b"x-resillm-cache"] == b"miss"
+    assert (h.counted("miss"), h.counted("hit")) == (2, 0)
 
 
 async def test_a_failed_status_is_not_stored() -> None:
