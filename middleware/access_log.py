@@ -91,12 +91,16 @@ class AccessLogMiddleware:
     ) -> dict[str, Any] | None:
         """Log the request (unless sampled out); the fields logged, or None."""
         failed = ctx.status >= 400 or ctx.error is not None
-        if not failed and not self.sampled(ctx):
+        if not failed and self.config.sample_rate < 1.0 and not self.sampled(ctx):
             return None
         level = logging.WARNING if failed else logging.INFO
         if not self.logger.isEnabledFor(level):
             return None
-        fields = self.fields(scope, ctx, response)
+        fields = (
+            self.fields(scope, ctx, response)
+            if self.config.log_responses
+            else access_fields(scope, ctx)
+        )
         direct = self.direct
         if direct is None or not direct.write_fields(level, ACCESS_LOGGER, "request", fields):
             self.logger.log(level, "request", extra={"fields": fields})

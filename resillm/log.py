@@ -32,7 +32,13 @@ LIBRARY_REPEAT_S = 60.0  # one line per message template this often: no retry-by
 REQUEST_ID: ContextVar[str | None] = ContextVar("resillm_request_id", default=None)
 _encoder = msgspec.json.Encoder()
 _LEVEL_NAMES = {logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
+_HEAD_KEYS = frozenset({"ts", "level", "logger", "msg"})
+BATCH_LINES = 64  # access lines encoded and written together (at most FLUSH_S late)
 _PLAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:/-+")
+
+
+def _level_name(level: int) -> str:
+    return _LEVEL_NAMES.get(level) or logging.getLevelName(level).lower()
 
 
 class RequestIdFilter(logging.Filter):
@@ -122,11 +128,20 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self) -> None:
         stream: TextIO = sys.stderr
+        # The bytes under the text stream, when it is our own: ``write_fields`` writes its
+        # encoded lines there. The text layer passes every write straight down (write
+        # through), so lines written either way keep their order.
+        self._binary: io.BufferedWriter[io.FileIO] | None = None
         with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
             raw = io.FileIO(sys.stderr.fileno(), "w", closefd=False)
-            stream = io.TextIOWrapper(io.BufferedWriter(raw, 1 << 16), encoding="utf-8",
-                                      errors="backslashreplace", newline="\n")  # fmt: skip
+            binary = io.BufferedWriter(raw, 1 << 16)
+            stream = io.TextIOWrapper(binary, encoding="utf-8", errors="backslashreplace",
+                                      newline="\n", write_through=True)  # fmt: skip
+            self._binary = binary
         super().__init__(stream)
+        self._heads: dict[tuple[int, str, str], bytes] = {}
+        # ``write_fields`` lines not written yet: (time, constant part, fields).
+        self._pending: list[tuple[float, bytes, dict[str, Any]]] = []
         self._stop = threading.Event()
         self.closed = False
         thread = threading.Thread(target=self._flush_often, name="resillm-log", daemon=True)
@@ -140,22 +155,75 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """Write a line as ``JSONFormatter`` formats ``fields`` logged by ``name``, without
         the ``LogRecord`` and handler machinery: the access log's path, a line per request.
         False (nothing written) unless this handler is in place, open and formats JSON;
-        the caller then logs the usual way."""
+        the caller then logs the usual way.
+
+        Lines below warning are kept (with their time) and written in batches of
+        :data:`BATCH_LINES`, at each flush, and before any other line, so the order of
+        lines holds; encoding many at once costs less than one at a time between requests.
+        ``fields`` must not change once given."""
         formatter = self.formatter
         if self.closed or not isinstance(formatter, JSONFormatter) or level < self.level:
             return False
+        if not fields or not _HEAD_KEYS.isdisjoint(fields):
+            return self._write_merged(formatter, level, name, message, fields)
+        head = self._heads.get((level, name, message))
+        if head is None:
+            head = self._heads[(level, name, message)] = self._head(level, name, message)
+        with self.lock:  # type: ignore[union-attr]
+            pending = self._pending
+            pending.append((time.time(), head, fields))
+            if len(pending) >= BATCH_LINES or level >= logging.WARNING:
+                self._write_pending()
+        if level >= logging.WARNING:
+            self.flush_now()
+        return True
+
+    def _write_pending(self) -> None:
+        """Write the kept lines; the caller holds the lock."""
+        pending, self._pending = self._pending, []
+        if not pending or not isinstance(self.formatter, JSONFormatter):
+            return
+        stamp = self.formatter.timestamp
+        # One encoding for every line's fields: JSON text holds no raw newline, so the
+        # lines split apart again exactly.
+        bodies = _encoder.encode_lines([fields for _, _, fields in pending]).split(b"\n")
+        data = b"".join(
+            [
+                b'{"ts":"%s",%s%s\n'
+                % (stamp(now, (now - int(now)) * 1000).encode(), head, body[1:])
+                for (now, head, _), body in zip(pending, bodies, strict=False)
+            ]
+        )
+        try:
+            if self._binary is not None:
+                self._binary.write(data)
+            else:
+                self.stream.write(data.decode())
+        except (OSError, ValueError):  # stderr closed
+            return
+
+    @staticmethod
+    def _head(level: int, name: str, message: str) -> bytes:
+        """``"level":…,"logger":…,"msg":…,`` as ``JSONFormatter`` writes them."""
+        constant = {"level": _level_name(level), "logger": name, "msg": message}
+        return _encoder.encode(constant)[1:-1] + b","
+
+    def _write_merged(
+        self, formatter: JSONFormatter, level: int, name: str, message: str, fields: dict[str, Any]
+    ) -> bool:
+        """``write_fields`` for fields that are empty or would replace the line's own keys."""
         now = time.time()
         line = {
             "ts": formatter.timestamp(now, (now - int(now)) * 1000),
-            "level": _LEVEL_NAMES.get(level) or logging.getLevelName(level).lower(),
+            "level": _level_name(level),
             "logger": name,
             "msg": message,
             **fields,
         }
-        text = _encoder.encode(line).decode() + "\n"
         with self.lock:  # type: ignore[union-attr]
+            self._write_pending()
             try:
-                self.stream.write(text)
+                self.stream.write(_encoder.encode(line).decode() + "\n")
             except (OSError, ValueError):  # stderr closed
                 return True
         if level >= logging.WARNING:
@@ -163,6 +231,8 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
+        # ``handle`` holds the lock: the kept lines go first, as they were logged first.
+        self._write_pending()
         super().emit(record)
         if record.levelno >= logging.WARNING:
             self.flush_now()
@@ -170,6 +240,7 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush_now(self) -> None:
         # stderr closed at exit: nothing left to do.
         with self.lock, contextlib.suppress(OSError, ValueError):  # type: ignore[union-attr]
+            self._write_pending()
             self.stream.flush()
 
     def _flush_often(self) -> None:
