@@ -300,7 +300,7 @@ def header(
 def parse_args(argv: list[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
-        "--duration", type=float, default=9.0, help="throughput seconds per target (all rounds)"
+        "--duration", type=float, default=15.0, help="throughput seconds per target (all rounds)"
     )
     parser.add_argument("--quick", action="store_true", help="a short run (a smoke test)")
     parser.add_argument("--json", action="store_true", help="also print every figure as JSON")

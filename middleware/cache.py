@@ -57,6 +57,8 @@ from resillm.schema import ChatCompletionRequest
 
 CACHE_HEADER_NAME = "x-resillm-cache"
 CACHE_HEADER = CACHE_HEADER_NAME.encode()
+_HEADERS = {status: (CACHE_HEADER, status.encode()) for status in ("hit", "miss", "bypass")}
+_RESULT_LABELS = {result: (("result", result),) for result in ("hit", "miss", "error")}
 # The router's SSE headers (middleware cannot import the router).
 SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -126,7 +128,7 @@ class CacheMiddleware:
             return
         policy = request_policy(scope, request, raw)
         if not policy.cacheable:
-            await self.forward(ctx, scope, receive, send, status="bypass", record=False)
+            await self.forward(ctx, scope, receive, send, "bypass")
             return
         key = cache_key(alias, raw)
         status = "miss" if policy.look else "bypass"
@@ -153,12 +155,23 @@ class CacheMiddleware:
         try:
             if policy.look:  # a lookup (with no coroutine for the memory store)
                 lookup = self.cache.get_now(key) or await self.cache.get(key)
-                self.count(lookup.result)
+                self.metrics.count(self.metrics.cache_requests, _RESULT_LABELS[lookup.result])
                 if lookup.answer is not None:
                     answer = lookup.answer
                     await self.serve(ctx, answer, send)
                     return
-            answer = await self.forward(ctx, scope, receive, send, status=status, record=True)
+            # Passed on here, not through ``forward``: one coroutine less on every miss.
+            ctx.cache = status
+            ctx.headers_out += (_HEADERS[status],)
+            recorder = AnswerRecorder(stream=True) if ctx.stream else None
+            try:
+                await self.app(
+                    scope, receive, send if recorder is None else recording(recorder, send)
+                )
+            except GatewayError as exc:  # rendered by the errors layer: it takes our header too
+                exc.headers.setdefault(CACHE_HEADER_NAME, status)
+                raise
+            answer = recorded(ctx, recorder)
         finally:
             if flight is not None:
                 flights.land(key, flight, answer)
@@ -191,36 +204,23 @@ class CacheMiddleware:
         return None if shared is None else readable(shared)
 
     async def forward(
-        self, ctx: RequestContext, scope: Scope, receive: Receive, send: Send, *, status: str,
-        record: bool,
-    ) -> Stored | None:  # fmt: skip
-        """Pass the request on, the header added; the answer when ``record`` and the
-        response was a whole success. A JSON answer is the body the router sent, kept as is;
-        a stream's is assembled from its events as they pass."""
+        self, ctx: RequestContext, scope: Scope, receive: Receive, send: Send, status: str
+    ) -> None:
+        """Pass the request on with the header added, recording nothing."""
         ctx.cache = status
-        ctx.headers_out += ((CACHE_HEADER, status.encode()),)
-        recorder = AnswerRecorder(stream=True) if record and ctx.stream else None
+        ctx.headers_out += (_HEADERS[status],)
         try:
-            await self.app(scope, receive, send if recorder is None else recording(recorder, send))
+            await self.app(scope, receive, send)
         except GatewayError as exc:  # rendered by the errors layer: it takes our header too
             exc.headers.setdefault(CACHE_HEADER_NAME, status)
             raise
-        provider = ctx.provider
-        if not record or provider is None:
-            return None
-        if recorder is None:
-            body = ctx.answer_body
-            return None if body is None else CachedBody(ctx.upstream_model or "", provider, body)
-        if not recorder.succeeded:
-            return None
-        return recorder.answer(provider=provider, model=ctx.upstream_model, usage=ctx.usage)
 
     async def serve(self, ctx: RequestContext, answer: CachedAnswer, send: Send) -> None:
         """Answer from ``answer`` without going upstream."""
         ctx.cache = "hit"
         ctx.usage = None  # nothing was spent: the budget bills 0
         ctx.provider, ctx.upstream_model, ctx.attempts = answer.provider, answer.model, 0
-        ctx.headers_out += ((CACHE_HEADER, b"hit"),)
+        ctx.headers_out += (_HEADERS["hit"],)
         headers: Headers = [
             (b"x-resillm-provider", answer.provider.encode()),
             (b"x-resillm-model", answer.model.encode()),
@@ -243,7 +243,21 @@ class CacheMiddleware:
             await send({"type": "http.response.body", "body": event, "more_body": position < last})
 
     def count(self, result: str) -> None:
-        self.metrics.count(self.metrics.cache_requests, (("result", result),))
+        self.metrics.count(self.metrics.cache_requests, _RESULT_LABELS[result])
+
+
+def recorded(ctx: RequestContext, recorder: AnswerRecorder | None) -> Stored | None:
+    """The answer of a response that was a whole success, else ``None``: a JSON answer is
+    the body the router sent, kept as is; a stream's is what ``recorder`` assembled."""
+    provider = ctx.provider
+    if provider is None:
+        return None
+    if recorder is None:
+        body = ctx.answer_body
+        return None if body is None else CachedBody(ctx.upstream_model or "", provider, body)
+    if not recorder.succeeded:
+        return None
+    return recorder.answer(provider=provider, model=ctx.upstream_model, usage=ctx.usage)
 
 
 def recording(recorder: AnswerRecorder, send: Send) -> Send:

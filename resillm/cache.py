@@ -61,14 +61,15 @@ def cache_key(alias: str, raw: Mapping[str, Any]) -> str:
             value = int(value)  # temperature 1 and 1.0 ask the same
         fields[name] = value
     fields["model"] = alias
-    digest = hashlib.sha256(KEY_VERSION)
-    digest.update(_key_encoder.encode(fields))
-    return digest.hexdigest()[:40]
+    return hashlib.sha256(KEY_VERSION + _key_encoder.encode(fields)).hexdigest()[:40]
 
 
 class Lookup(NamedTuple):
     answer: CachedAnswer | None
     result: Result  # "error": the store could not answer, the request went on without it
+
+
+MISSED = Lookup(None, "miss")
 
 
 class Flight:
@@ -176,7 +177,8 @@ class ResponseCache:
         is remote (then :meth:`get`)."""
         if self.redis is not None:
             return None
-        return self._found(key, self.memory.get_now(key))
+        value = self.memory.get_now(key)
+        return MISSED if value is None else self._found(key, value)
 
     def _found(self, key: str, value: bytes | None) -> Lookup:
         if value is None:

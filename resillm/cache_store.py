@@ -2,7 +2,8 @@
 
 Both stores hold opaque bytes under a key, for a TTL. The memory store is bounded twice,
 by entries and by bytes, evicting the least recently used; expired entries go when they
-are read, when anything is stored, and on a periodic sweep. The Redis store sets the TTL
+are read and on a periodic sweep (storing does not look for them: a full store makes room
+by recency, and an expired entry is never served). The Redis store sets the TTL
 in Redis (``SET ... PX``) and bounds every call by a short timeout: a Redis that is down
 makes it raise :class:`CacheUnavailable` quickly, then at once for a moment, so a dead
 Redis never slows requests down.
@@ -93,13 +94,13 @@ class MemoryCacheStore:
             self._remove(key)
         if size > self.max_bytes:
             return  # it would push out everything else and still not fit
-        self.purge_expired()
         self._entries[key] = _Entry(value, self.clock() + ttl_s, size)
         # Entries are stored with one TTL, so storage order is expiry order (a reload that
         # changes the TTL only makes the sweep stop a little early).
         self._by_expiry[key] = None
         self.bytes += size
-        self._evict()
+        if len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+            self._evict()
 
     def purge_expired(self) -> int:
         """Drop expired entries; how many went."""
@@ -118,10 +119,11 @@ class MemoryCacheStore:
         self.bytes = 0
 
     def _evict(self) -> None:
-        while self._entries and (
-            len(self._entries) > self.max_entries or self.bytes > self.max_bytes
-        ):
-            self._remove(next(iter(self._entries)))
+        entries, by_expiry = self._entries, self._by_expiry
+        while entries and (len(entries) > self.max_entries or self.bytes > self.max_bytes):
+            key, entry = entries.popitem(last=False)  # the least recently used
+            del by_expiry[key]
+            self.bytes -= entry.size
 
     def _remove(self, key: str) -> None:
         entry = self._entries.pop(key)
