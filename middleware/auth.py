@@ -10,7 +10,7 @@ import hashlib
 import hmac
 from collections.abc import Collection
 
-from resillm.asgi import ASGIApp, Receive, Scope, Send, header
+from resillm.asgi import ASGIApp, Receive, Scope, Send, direct, header
 from resillm.config import ClientKeyConfig
 from resillm.context import RequestContext
 from resillm.errors import AuthenticationFailed, PermissionDenied
@@ -24,7 +24,7 @@ class AuthMiddleware:
     def __init__(
         self, app: ASGIApp, *, keys: list[ClientKeyConfig], aliases: Collection[str]
     ) -> None:
-        self.app = app
+        self.app = direct(app)
         self.keys = {_digest(k.key.encode()): k for k in keys}
         self.aliases = aliases
 

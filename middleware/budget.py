@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 
 from middleware.request import CHAT_COMPLETIONS
-from resillm.asgi import ASGIApp, Message, Receive, Scope, Send
+from resillm.asgi import ASGIApp, Message, Receive, Scope, Send, direct
 from resillm.budget import Admission, BudgetTracker
 from resillm.context import RequestContext
 from resillm.pricing import PriceBook, cost_nano_usd, to_usd
@@ -34,7 +34,7 @@ class BudgetMiddleware:
         prices: PriceBook,
         default_max_tokens: int,
     ) -> None:
-        self.app = app
+        self.app = direct(app)
         self.tracker = tracker
         self.prices = prices
         self.default_max_tokens = default_max_tokens

@@ -39,7 +39,7 @@ from collections.abc import Collection
 from typing import Any, NamedTuple
 
 from middleware.request import CHAT_COMPLETIONS
-from resillm.asgi import ASGIApp, Headers, Message, Receive, Scope, Send, send_json
+from resillm.asgi import ASGIApp, Headers, Message, Receive, Scope, Send, direct, send_json
 from resillm.cache import ResponseCache, cache_key
 from resillm.cache_answer import (
     AnswerRecorder,
@@ -105,7 +105,7 @@ class CacheMiddleware:
     def __init__(
         self, app: ASGIApp, *, cache: ResponseCache, metrics: Metrics, aliases: Collection[str]
     ) -> None:
-        self.app = app
+        self.app = direct(app)
         self.cache = cache
         self.metrics = metrics
         self.aliases = aliases

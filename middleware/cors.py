@@ -11,7 +11,7 @@ It is the outermost layer, so the error answers the errors layer writes carry th
 
 from __future__ import annotations
 
-from resillm.asgi import ASGIApp, Headers, Message, Receive, Scope, Send, header
+from resillm.asgi import ASGIApp, Headers, Message, Receive, Scope, Send, direct, header
 from resillm.config import CorsConfig
 
 ALLOW_METHODS = b"GET, POST, OPTIONS"
@@ -19,7 +19,7 @@ ALLOW_METHODS = b"GET, POST, OPTIONS"
 
 class CorsMiddleware:
     def __init__(self, app: ASGIApp, *, config: CorsConfig) -> None:
-        self.app = app
+        self.app = direct(app)
         self.any_origin = "*" in config.allow_origins
         self.origins = frozenset(o.encode("latin-1") for o in config.allow_origins)
         self.preflight_headers: Headers = [

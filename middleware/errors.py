@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from resillm.asgi import ASGIApp, Headers, Receive, Scope, Send, send_json
+from resillm.asgi import ASGIApp, Headers, Receive, Scope, Send, direct, send_json
 from resillm.context import SCOPE_KEY, RequestContext
 from resillm.errors import GatewayError
 
@@ -20,7 +20,7 @@ logger = logging.getLogger("resillm.errors")
 
 class ErrorsMiddleware:
     def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+        self.app = direct(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from resillm.asgi import ASGIApp, Receive, Scope, Send
+from resillm.asgi import ASGIApp, Receive, Scope, Send, direct
 from resillm.context import SCOPE_KEY, RequestContext
 from resillm.errors import GatewayError
 from resillm.metrics import NONE, Metrics
@@ -23,7 +23,7 @@ Observer = Callable[[int, float, int], None]
 
 class MetricsMiddleware:
     def __init__(self, app: ASGIApp, *, metrics: Metrics, observe: Observer | None = None) -> None:
-        self.app = app
+        self.app = direct(app)
         self.metrics = metrics
         self.observe = observe
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from resillm.asgi import ASGIApp, Message, Receive, Scope, Send, header, route_path
+from resillm.asgi import ASGIApp, Message, Receive, Scope, Send, direct, header, route_path
 from resillm.context import SCOPE_KEY, RequestContext
 from resillm.errors import InvalidRequest, RequestTimeout, RequestTooLarge
 from resillm.log import REQUEST_ID
@@ -55,7 +55,7 @@ class RequestMiddleware:
     def __init__(
         self, app: ASGIApp, *, max_request_bytes: int, body_timeout: float | None = None
     ) -> None:
-        self.app = app
+        self.app = direct(app)
         self.max_request_bytes = max_request_bytes
         self.body_timeout = body_timeout
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 
-from resillm.asgi import ASGIApp, Message, Receive, Scope, Send
+from resillm.asgi import ASGIApp, Message, Receive, Scope, Send, direct
 from resillm.context import SCOPE_KEY, RequestContext
 
 CHECKS = 4
@@ -61,7 +61,7 @@ class SendWatch:
 
 class SendTimeoutMiddleware:
     def __init__(self, app: ASGIApp, *, timeout: float) -> None:
-        self.app = app
+        self.app = direct(app)
         self.timeout = timeout
         self._period = timeout / CHECKS
         # One timer for every request in flight, running only while there is one.

@@ -36,7 +36,7 @@ from opentelemetry.trace import SpanKind
 from middleware.tracing_export import GuardedExporter, shutdown_within
 from middleware.tracing_spans import PROPAGATOR, RequestSpans
 from resillm import __version__
-from resillm.asgi import ASGIApp, Message, Receive, Scope, Send, route_path
+from resillm.asgi import ASGIApp, Message, Receive, Scope, Send, direct, route_path
 from resillm.config import ProviderConfig, TracingConfig
 from resillm.context import SCOPE_KEY
 from resillm.errors import GatewayError
@@ -123,7 +123,7 @@ class TracingMiddleware:
     def __init__(
         self, app: ASGIApp, *, tracer: trace.Tracer, providers: Mapping[str, ProviderConfig]
     ) -> None:
-        self.app = app
+        self.app = direct(app)
         self.tracer = tracer
         self.systems = {name: _system(config) for name, config in providers.items()}
 

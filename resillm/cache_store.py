@@ -94,7 +94,8 @@ class MemoryCacheStore:
             self._remove(key)
         if size > self.max_bytes:
             return  # it would push out everything else and still not fit
-        self._entries[key] = _Entry(value, self.clock() + ttl_s, size)
+        # Made as the tuple it is: a NamedTuple's own constructor costs ten times as much.
+        self._entries[key] = tuple.__new__(_Entry, (value, self.clock() + ttl_s, size))
         # Entries are stored with one TTL, so storage order is expiry order (a reload that
         # changes the TTL only makes the sweep stop a little early).
         self._by_expiry[key] = None

@@ -32,7 +32,6 @@ LIBRARY_REPEAT_S = 60.0  # one line per message template this often: no retry-by
 REQUEST_ID: ContextVar[str | None] = ContextVar("resillm_request_id", default=None)
 _encoder = msgspec.json.Encoder()
 _LEVEL_NAMES = {logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
-_HEAD_KEYS = frozenset({"ts", "level", "logger", "msg"})
 BATCH_LINES = 64  # access lines encoded and written together (at most FLUSH_S late)
 _PLAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:/-+")
 
@@ -63,7 +62,10 @@ class _Timestamps:
         if second != self._second:
             self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return f"{self._text}.{int(msecs):03d}Z"
+        return self._text + _MILLIS[int(msecs)]
+
+
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # a line's milliseconds, made once
 
 
 class JSONFormatter(logging.Formatter):
@@ -164,7 +166,13 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         formatter = self.formatter
         if self.closed or not isinstance(formatter, JSONFormatter) or level < self.level:
             return False
-        if not fields or not _HEAD_KEYS.isdisjoint(fields):
+        if (
+            not fields
+            or "ts" in fields
+            or "level" in fields
+            or "logger" in fields
+            or "msg" in fields
+        ):
             return self._write_merged(formatter, level, name, message, fields)
         head = self._heads.get((level, name, message))
         if head is None:
@@ -184,16 +192,13 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if not pending or not isinstance(self.formatter, JSONFormatter):
             return
         stamp = self.formatter.timestamp
-        # One encoding for every line's fields: JSON text holds no raw newline, so the
-        # lines split apart again exactly.
-        bodies = _encoder.encode_lines([fields for _, _, fields in pending]).split(b"\n")
-        data = b"".join(
-            [
-                b'{"ts":"%s",%s%s\n'
-                % (stamp(now, (now - int(now)) * 1000).encode(), head, body[1:])
-                for (now, head, _), body in zip(pending, bodies, strict=False)
-            ]
-        )
+        data = bytearray()
+        for now, head, fields in pending:
+            data += b'{"ts":"%s",%s' % (stamp(now, (now - int(now)) * 1000).encode(), head)
+            end = len(data)
+            _encoder.encode_into(fields, data, -1)  # appended: {"request_id":...}
+            data[end] = 0x2C  # its "{" becomes the "," after the constant part
+            data += b"\n"
         try:
             if self._binary is not None:
                 self._binary.write(data)
@@ -204,9 +209,9 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     @staticmethod
     def _head(level: int, name: str, message: str) -> bytes:
-        """``"level":…,"logger":…,"msg":…,`` as ``JSONFormatter`` writes them."""
+        """``"level":…,"logger":…,"msg":…`` as ``JSONFormatter`` writes them."""
         constant = {"level": _level_name(level), "logger": name, "msg": message}
-        return _encoder.encode(constant)[1:-1] + b","
+        return _encoder.encode(constant)[1:-1]
 
     def _write_merged(
         self, formatter: JSONFormatter, level: int, name: str, message: str, fields: dict[str, Any]

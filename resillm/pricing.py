@@ -144,7 +144,9 @@ def usage_cost_nano_usd(price: Price, usage: Usage) -> int:
 
 
 def to_usd(nano_usd: int) -> float:
-    return round(nano_usd / NANO_USD_PER_USD, 9)
+    # A correctly rounded division: the float nearest n / 10^9, which prints as that
+    # decimal (no rounding needed).
+    return nano_usd / NANO_USD_PER_USD
 
 
 def to_nano_usd(usd: float) -> int:
