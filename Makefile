@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= deploy/demo.yaml
 
-.PHONY: run test lint typecheck pytest bench soak check clean
+.PHONY: run test lint typecheck pytest bench bench-instructions soak check clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ pytest: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# Instructions per request under callgrind (needs valgrind): bare vs every layer on.
+bench-instructions: $(STAMP)
+	$(BIN)/python bench/instructions.py $(BENCH_ARGS)
 
 SOAK_SECONDS ?= 300
 soak: $(STAMP)

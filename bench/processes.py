@@ -126,10 +126,11 @@ def pin(pid: int, cpus: frozenset[int] | None) -> None:
 
 
 class Server:
-    """A Python subprocess (`args` after the interpreter) with its output (stdout and
-    stderr) in a temporary file; leaving it stops it."""
+    """A Python subprocess (`args` after the interpreter; the whole command with
+    `interpreter=False`) with its output (stdout and stderr) in a temporary file; leaving
+    it stops it."""
 
-    def __init__(self, name: str, args: list[str]) -> None:
+    def __init__(self, name: str, args: list[str], *, interpreter: bool = True) -> None:
         self.name = name
         self.log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed on __exit__
         env = {
@@ -137,7 +138,7 @@ class Server:
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         }
         self.process = subprocess.Popen(
-            [sys.executable, *args],
+            [sys.executable, *args] if interpreter else args,
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -187,8 +188,14 @@ class Server:
                 self.process.wait()
 
 
-async def wait_healthy(session: aiohttp.ClientSession, server: Server, url: str) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+async def wait_healthy(
+    session: aiohttp.ClientSession,
+    server: Server,
+    url: str,
+    *,
+    timeout_s: float = STARTUP_TIMEOUT_S,
+) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             break
