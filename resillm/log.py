@@ -143,7 +143,7 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self._heads: dict[tuple[int, str, str], bytes] = {}
         # ``write_fields`` lines not written yet: (time, constant part, fields).
-        self._pending: list[tuple[float, bytes, dict[str, Any]]] = []
+        self._pending: list[tuple[float, bytes, dict[str, Any] | msgspec.Struct]] = []
         self._stop = threading.Event()
         self.closed = False
         thread = threading.Thread(target=self._flush_often, name="resillm-log", daemon=True)
@@ -153,7 +153,9 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush(self) -> None:  # called by emit: defer unless the record was important
         return None
 
-    def write_fields(self, level: int, name: str, message: str, fields: dict[str, Any]) -> bool:
+    def write_fields(
+        self, level: int, name: str, message: str, fields: dict[str, Any] | msgspec.Struct
+    ) -> bool:
         """Write a line as ``JSONFormatter`` formats ``fields`` logged by ``name``, without
         the ``LogRecord`` and handler machinery: the access log's path, a line per request.
         False (nothing written) unless this handler is in place, open and formats JSON;
@@ -162,11 +164,12 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         Lines below warning are kept (with their time) and written in batches of
         :data:`BATCH_LINES`, at each flush, and before any other line, so the order of
         lines holds; encoding many at once costs less than one at a time between requests.
-        ``fields`` must not change once given."""
+        ``fields`` (a dict, or a struct with none of the line's own keys) must not change
+        once given."""
         formatter = self.formatter
         if self.closed or not isinstance(formatter, JSONFormatter) or level < self.level:
             return False
-        if (
+        if isinstance(fields, dict) and (
             not fields
             or "ts" in fields
             or "level" in fields

@@ -11,17 +11,21 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 import pytest
 
 import middleware.access_log
+from middleware.access_log import access_fields, access_line
 from middleware.errors import ErrorsMiddleware
 from middleware.request import RequestMiddleware
 from resillm.app import Gateway
 from resillm.asgi import Message, Receive, Scope, Send
-from resillm.config import LoggingConfig
+from resillm.config import ClientKeyConfig, LoggingConfig
 from resillm.config_loader import config_from_dict
+from resillm.context import RequestContext
 from resillm.log import (
     ACCESS_LOGGER,
     BATCH_LINES,
@@ -32,6 +36,7 @@ from resillm.log import (
     configure_logging,
     direct_handler,
 )
+from resillm.schema import Usage
 
 pytestmark = pytest.mark.anyio
 
@@ -449,6 +454,33 @@ async def test_access_lines_go_straight_to_the_json_handler_as_it_would_format_t
     access = [json.loads(x) for x in stream.getvalue().splitlines()[1:] if '"resillm.access"' in x]
     assert [a["status"] for a in access] == [200]
     assert access[0]["request_id"] == response.header(b"x-request-id").decode()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_the_access_line_struct_encodes_as_the_fields_do(
+    monkeypatch: pytest.MonkeyPatch, traced: bool
+) -> None:
+    # The direct path writes a struct, the others a dict: the line must be the same.
+    monkeypatch.setattr(middleware.access_log.time, "monotonic", lambda: 1000.0)
+    ctx = RequestContext("req_1", "/v1/chat/completions")
+    ctx.started = 999.87654
+    ctx.client_key = ClientKeyConfig(name="team-a", key="sk-secret-key-0001")
+    ctx.alias, ctx.provider, ctx.upstream_model, ctx.stream = "chat", "up", "m-1", True
+    ctx.attempts, ctx.retries, ctx.fallbacks, ctx.recoveries = 2, 1, 1, ("continued",)
+    ctx.ttft_s, ctx.status, ctx.cost, ctx.cache = 0.0421, 200, 0.000012, "miss"
+    ctx.usage = Usage(prompt_tokens=5, completion_tokens=7, total_tokens=12)
+    if traced:
+        ctx.tracer = SimpleNamespace(trace_id="0af7651916cd43dd8448eb211c80319c")  # type: ignore[assignment]
+    scope = {"type": "http", "method": "POST"}
+    line = msgspec.json.encode(access_line(scope, ctx))
+    assert line == msgspec.json.encode(access_fields(scope, ctx))
+    decoded = json.loads(line)
+    assert (decoded["latency_ms"], decoded["ttft_ms"]) == (123.46, 42.1)
+    assert ("trace_id" in decoded) is traced
+    bare = RequestContext("req_2", "/v1/models")  # nothing learned: nulls and zeros
+    assert msgspec.json.encode(access_line(scope, bare)) == msgspec.json.encode(
+        access_fields(scope, bare)
+    )
 
 
 @pytest.mark.usefixtures("restore_resillm_logger")
