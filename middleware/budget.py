@@ -74,10 +74,11 @@ class BudgetMiddleware:
         if usage is None:
             return None
         # The configured model of the target that answered (its first successful attempt).
-        target_model = next(
-            (m for p, m, out, _ in ctx.attempt_log if out == "success" and p == ctx.provider),
-            None,
-        )
+        target_model = None
+        for provider, model, outcome, _ in ctx.attempt_log:
+            if outcome == "success" and provider == ctx.provider:
+                target_model = model
+                break
         price = self.prices.price(ctx.alias, ctx.provider, target_model, ctx.upstream_model)
         if price is None:
             return 0
