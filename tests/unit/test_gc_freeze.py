@@ -20,14 +20,26 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(autouse=True)
 def unfrozen() -> Iterator[None]:
+    thresholds = gc.get_threshold()
     yield
     gc.unfreeze()  # the rest of the test run collects as usual
+    gc.set_threshold(*thresholds)
 
 
 async def test_freezing_moves_what_lives_now_out_of_the_collections() -> None:
     freezer = HeapFreezer()
     freezer.freeze()
     assert gc.get_freeze_count() > 1000
+
+
+def test_young_collections_are_spaced_out_while_served_and_restored_at_stop() -> None:
+    before = gc.get_threshold()
+    freezer = HeapFreezer()
+    freezer.freeze()
+    freezer.freeze()  # a refreeze after a reload keeps what was there first to restore
+    assert gc.get_threshold() == (gc_freeze.GEN0_THRESHOLD, *before[1:])
+    freezer.stop()
+    assert gc.get_threshold() == before
 
 
 async def test_a_reload_unfreezes_then_freezes_again_later(
