@@ -164,7 +164,7 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         Lines below warning are kept (with their time) and written in batches of
         :data:`BATCH_LINES`, at each flush, and before any other line, so the order of
         lines holds; encoding many at once costs less than one at a time between requests.
-        ``fields`` (a dict, or a struct with none of the line's own keys) must not change
+        ``fields`` (a dict, or a struct with fields, none of them the line's own) must not change
         once given."""
         formatter = self.formatter
         if self.closed or not isinstance(formatter, JSONFormatter) or level < self.level:

@@ -30,6 +30,7 @@ from resillm.log import (
     ACCESS_LOGGER,
     BATCH_LINES,
     REQUEST_ID,
+    BufferedStderrHandler,
     JSONFormatter,
     RequestIdFilter,
     TextFormatter,
@@ -483,27 +484,40 @@ def test_the_access_line_struct_encodes_as_the_fields_do(
     )
 
 
-@pytest.mark.usefixtures("restore_resillm_logger")
-def test_lines_written_as_bytes_and_as_records_keep_their_order_on_a_real_stderr(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    # A stderr with a file descriptor: the handler writes access lines as bytes under its
-    # text layer, and both kinds of line must reach the file whole and in order.
-    with open(tmp_path / "stderr", "w+", encoding="utf-8") as stderr:
+@pytest.fixture
+def real_stderr(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, restore_resillm_logger: None
+) -> Iterator[tuple[BufferedStderrHandler, Path]]:
+    """resillm's JSON handler on a stderr with a file descriptor (it then writes access
+    lines as bytes under its text layer), and the file it writes to."""
+    path = tmp_path / "stderr"
+    with open(path, "w+", encoding="utf-8") as stderr:
         monkeypatch.setattr("sys.stderr", stderr)
         configure_logging(LoggingConfig(level="info", format="json"))
         handler = direct_handler(logging.getLogger(ACCESS_LOGGER))
         assert handler is not None
-        other = logging.getLogger("resillm.router")
-        other.info("first")
-        assert handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {"status": 200})
-        other.info("third ✓")
-        assert handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {"path": "/v1/é"})
-        # Fields that would replace the line's own keys, and no fields: still one JSON line.
-        assert handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {"msg": "mine"})
-        assert handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {})
-        handler.flush_now()
-        lines = [json.loads(x) for x in (tmp_path / "stderr").read_text().splitlines()]
+        yield handler, path
+
+
+def written(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_lines_written_as_bytes_and_as_records_keep_their_order_on_a_real_stderr(
+    real_stderr: tuple[BufferedStderrHandler, Path],
+) -> None:
+    # Both kinds of line must reach the file whole and in order.
+    handler, path = real_stderr
+    other = logging.getLogger("resillm.router")
+    other.info("first")
+    assert handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {"status": 200})
+    other.info("third ✓")
+    assert handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {"path": "/v1/é"})
+    # Fields that would replace the line's own keys, and no fields: still one JSON line.
+    assert handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {"msg": "mine"})
+    assert handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {})
+    handler.flush_now()
+    lines = written(path)
     assert [(x["logger"], x.get("msg"), x.get("status"), x.get("path")) for x in lines] == [
         ("resillm.router", "first", None, None),
         (ACCESS_LOGGER, "request", 200, None),
@@ -515,31 +529,24 @@ def test_lines_written_as_bytes_and_as_records_keep_their_order_on_a_real_stderr
     assert all(list(x)[:4] == ["ts", "level", "logger", "msg"] for x in lines)
 
 
-@pytest.mark.usefixtures("restore_resillm_logger")
 def test_access_lines_are_written_in_batches_and_warnings_at_once(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    real_stderr: tuple[BufferedStderrHandler, Path],
 ) -> None:
-    with open(tmp_path / "stderr", "w+", encoding="utf-8") as stderr:
-        monkeypatch.setattr("sys.stderr", stderr)
-        configure_logging(LoggingConfig(level="info", format="json"))
-        handler = direct_handler(logging.getLogger(ACCESS_LOGGER))
-        assert handler is not None
-        handler._stop.set()  # no timed flush in between: the batches alone
-        handler._binary.flush()  # type: ignore[union-attr]
-
-        def written() -> list[dict[str, Any]]:
-            return [json.loads(x) for x in (tmp_path / "stderr").read_text().splitlines()]
-
-        for serial in range(BATCH_LINES - 1):
-            handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {"serial": serial})
-        handler._binary.flush()  # type: ignore[union-attr]
-        assert written() == []  # kept, to be encoded together
-        handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {"serial": BATCH_LINES - 1})
-        handler._binary.flush()  # type: ignore[union-attr]
-        assert [x["serial"] for x in written()] == list(range(BATCH_LINES))
-        handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {"serial": "kept"})
-        handler.write_fields(logging.WARNING, ACCESS_LOGGER, "request", {"status": 502})
-        lines = written()  # a warning is flushed at once, after what came before it
+    handler, path = real_stderr
+    handler._stop.set()  # no timed flush in between: the batches alone
+    binary = handler._binary
+    assert binary is not None
+    binary.flush()
+    for serial in range(BATCH_LINES - 1):
+        handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {"serial": serial})
+    binary.flush()
+    assert written(path) == []  # kept, to be encoded together
+    handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {"serial": BATCH_LINES - 1})
+    binary.flush()
+    assert [x["serial"] for x in written(path)] == list(range(BATCH_LINES))
+    handler.write_fields(logging.INFO, ACCESS_LOGGER, "request", {"serial": "kept"})
+    handler.write_fields(logging.WARNING, ACCESS_LOGGER, "request", {"status": 502})
+    lines = written(path)  # a warning is flushed at once, after what came before it
     assert [x.get("serial") for x in lines[-2:]] == ["kept", None]
     assert (lines[-1]["level"], lines[-1]["status"]) == ("warning", 502)
 
