@@ -16,6 +16,8 @@ the app does. A request's receive side sees a handful of events (its body, then
   deque.
 - The WSGI helpers hypercorn makes per request (two closures) are not made for an ASGI app,
   which never receives them.
+- :class:`IdleTimer` keeps a connection's keep-alive watch as a timer instead of two tasks
+  made and cancelled on every request (a CPU cost, not a memory one).
 
 Guarded by ``tests/unit/test_hypercorn_lean.py``, and by integration tests that check
 hypercorn still uses them: should hypercorn's internals change, the patch is skipped.
@@ -24,6 +26,7 @@ hypercorn still uses them: should hypercorn's internals change, the patch is ski
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -132,15 +135,87 @@ class LeanEvent:
     async def wait(self) -> None:
         if self._set:
             return
-        future = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(future)
+        future = self.waiter()
         try:
             await future
         finally:
-            if self._waiters is not None and future in self._waiters:
-                self._waiters.remove(future)
+            self.forget(future)
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future done once the event is set (at once if it is): waiting without a task.
+        Hand it back to :meth:`forget` when no longer waiting."""
+        future = asyncio.get_running_loop().create_future()
+        if self._set:
+            future.set_result(None)
+        elif self._waiters is None:
+            self._waiters = [future]
+        else:
+            self._waiters.append(future)
+        return future
+
+    def forget(self, future: asyncio.Future[None]) -> None:
+        if self._waiters is not None and future in self._waiters:
+            self._waiters.remove(future)
+
+
+class IdleTimer:
+    """hypercorn's keep-alive idle watch (``TCPServer.idle_task``) as a timer, not a task.
+
+    hypercorn restarts the watch each time a connection turns idle (a response ended) and
+    stops it when a request begins: a task awaiting ``wait_for`` (a second task) on the
+    worker's ``terminated`` event, cancelled and awaited again at the next request, two
+    tasks and two cancellations a request. Here the same watch is a loop timer for
+    ``keep_alive_timeout`` and a future on ``terminated`` (a :class:`LeanEvent`); either
+    closes the connection as hypercorn's task would. An ``action`` that is not that watch
+    runs as hypercorn runs it: as a task, cancelled and awaited on restart or stop.
+    """
+
+    __slots__ = ("_handle", "_task", "_terminated", "_waiter")
+
+    def __init__(self) -> None:
+        self._handle: asyncio.TimerHandle | None = None
+        self._terminated: LeanEvent | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    async def restart(self, task_group: Any, action: Callable[[], Any]) -> None:
+        await self.stop()
+        server: Any = getattr(action, "__self__", None)
+        terminated = getattr(getattr(server, "context", None), "terminated", None)
+        if getattr(action, "__name__", "") != "_idle_timeout" or not isinstance(
+            terminated, LeanEvent
+        ):
+            self._task = task_group._task_group.create_task(action())
+            return
+        close = partial(self._close, task_group, server)
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_later(server.config.keep_alive_timeout, close)
+        self._terminated, self._waiter = terminated, terminated.waiter()
+        self._waiter.add_done_callback(lambda _: close())
+
+    async def stop(self) -> None:
+        self._cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._waiter is not None and self._terminated is not None:
+            self._terminated.forget(self._waiter)  # never done now: its callback never runs
+        self._waiter = self._terminated = None
+
+    def _close(self, task_group: Any, server: Any) -> None:
+        if self._handle is None:
+            return  # stopped (or already closing) before this ran
+        self._cancel()
+        # What hypercorn's watch does once the connection was idle too long, or the worker
+        # is stopping; shielded there from the watch's own cancellation, so not kept here.
+        task_group._task_group.create_task(server._initiate_server_close())
 
 
 def lighten_hypercorn() -> None:
@@ -155,6 +230,17 @@ def lighten_hypercorn() -> None:
         worker_context, "EventWrapper", object()
     ):
         context.event_class = LeanEvent
+    with contextlib.suppress(ImportError):
+        from hypercorn.asyncio import tcp_server
+
+        server = getattr(tcp_server, "TCPServer", None)
+        if (
+            getattr(tcp_server, "AsyncioSingleTask", None) is worker_context.AsyncioSingleTask
+            and callable(getattr(server, "_idle_timeout", None))
+            and callable(getattr(server, "_initiate_server_close", None))
+        ):
+            # What TCPServer makes its idle_task of.
+            tcp_server.AsyncioSingleTask = IdleTimer  # type: ignore[attr-defined,assignment]
     group = getattr(task_group, "TaskGroup", None)
     handle = getattr(task_group, "_handle", None)
     original = getattr(group, "spawn_app", None)

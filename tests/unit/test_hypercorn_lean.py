@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from resillm.hypercorn_lean import LeanEvent, Mailbox, lighten_hypercorn
+from resillm.hypercorn_lean import IdleTimer, LeanEvent, Mailbox, lighten_hypercorn
 
 pytestmark = pytest.mark.anyio
 
@@ -131,3 +132,74 @@ def test_hypercorn_uses_them_once_lightened() -> None:
     lighten_hypercorn()  # twice is once
     assert WorkerContext(None).event_class is LeanEvent
     assert getattr(TaskGroup.spawn_app, "_resillm_mailbox", False)
+    from hypercorn.asyncio import tcp_server
+
+    assert tcp_server.AsyncioSingleTask is IdleTimer  # type: ignore[attr-defined]
+
+
+class IdleServer:
+    """What IdleTimer uses of hypercorn's TCPServer: its watch, its context and config,
+    and the close it starts."""
+
+    def __init__(self, keep_alive_s: float) -> None:
+        self.context = SimpleNamespace(terminated=LeanEvent())
+        self.config = SimpleNamespace(keep_alive_timeout=keep_alive_s)
+        self.closes = 0
+        self.group = SimpleNamespace(
+            _task_group=SimpleNamespace(create_task=asyncio.get_running_loop().create_task)
+        )
+
+    async def _idle_timeout(self) -> None:
+        raise AssertionError("the timer stands in for this task: it must not run")
+
+    async def _initiate_server_close(self) -> None:
+        self.closes += 1
+
+
+async def test_an_idle_connection_is_closed_once_after_keep_alive_timeout() -> None:
+    server, timer = IdleServer(0.05), IdleTimer()
+    await timer.restart(server.group, server._idle_timeout)
+    await timer.restart(server.group, server._idle_timeout)  # restarted: one watch still
+    await asyncio.sleep(0.02)
+    assert server.closes == 0
+    await asyncio.sleep(0.1)
+    assert server.closes == 1
+
+
+async def test_a_request_stops_the_watch_and_leaves_nothing_behind() -> None:
+    server, timer = IdleServer(0.05), IdleTimer()
+    await timer.restart(server.group, server._idle_timeout)
+    await timer.stop()
+    assert server.context.terminated._waiters == []  # nothing kept on the worker's event
+    await server.context.terminated.set()
+    await asyncio.sleep(0.1)
+    assert server.closes == 0
+
+
+async def test_a_stopping_worker_closes_idle_connections_at_once() -> None:
+    server, timer = IdleServer(60.0), IdleTimer()
+    await timer.restart(server.group, server._idle_timeout)
+    await server.context.terminated.set()
+    await asyncio.sleep(0.01)
+    assert server.closes == 1
+    await timer.restart(server.group, server._idle_timeout)  # idle again, worker stopping
+    await asyncio.sleep(0.01)
+    assert server.closes == 2
+
+
+async def test_any_other_action_runs_as_a_task_and_is_cancelled_on_stop() -> None:
+    server, timer = IdleServer(60.0), IdleTimer()
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def other() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    await timer.restart(server.group, other)
+    await asyncio.wait_for(started.wait(), 1)
+    await timer.stop()
+    assert cancelled.is_set()
