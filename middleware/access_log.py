@@ -105,11 +105,7 @@ class AccessLogMiddleware:
             and direct.write_fields(level, ACCESS_LOGGER, "request", access_line(scope, ctx))
         ):
             return None
-        fields = (
-            self.fields(scope, ctx, response)
-            if self.config.log_responses
-            else access_fields(scope, ctx)
-        )
+        fields = self.fields(scope, ctx, response)
         if direct is None or not direct.write_fields(level, ACCESS_LOGGER, "request", fields):
             self.logger.log(level, "request", extra={"fields": fields})
         return fields
@@ -164,38 +160,15 @@ def _body_value(body: bytes, *, pii: bool, secrets: frozenset[str]) -> Any:
 
 
 def access_fields(scope: Scope, ctx: RequestContext) -> dict[str, Any]:
-    usage = ctx.usage
-    key = ctx.client_key
-    fields = {
-        "request_id": ctx.request_id,
-        "method": scope.get("method"),
-        "path": ctx.route,
-        "status": ctx.status,
-        "key": key.name if key is not None else None,
-        "model": ctx.alias,
-        "provider": ctx.provider,
-        "upstream_model": ctx.upstream_model,
-        "stream": ctx.stream,
-        "attempts": ctx.attempts,
-        "retries": ctx.retries,
-        "fallbacks": ctx.fallbacks,
-        "recoveries": ctx.recoveries or None,
-        "latency_ms": _ms(time.monotonic() - ctx.started),
-        "ttft_ms": _ms(ctx.ttft_s) if ctx.ttft_s is not None else None,
-        "prompt_tokens": usage.prompt_tokens if usage else None,
-        "completion_tokens": usage.completion_tokens if usage else None,
-        "cost": ctx.cost,
-        "cache": ctx.cache,
-        "error": ctx.error,
-    }
-    if ctx.tracer is not None:
-        fields["trace_id"] = ctx.tracer.trace_id
+    """The line's fields as a dict (for the admin page, bodies, other handlers)."""
+    fields = msgspec.structs.asdict(access_line(scope, ctx))
+    if fields["trace_id"] is None:
+        del fields["trace_id"]  # as the struct encodes: only with tracing on
     return fields
 
 
 class AccessLine(msgspec.Struct, omit_defaults=True):
-    """:func:`access_fields` as a struct, encoded to the same JSON (``trace_id`` only with
-    tracing on)."""
+    """The access line's fields, in order (``trace_id`` only with tracing on)."""
 
     request_id: str
     method: str | None
