@@ -226,12 +226,7 @@ class BudgetTracker:
         meters = self.meters(key, now)
         warn = self.config.action == "warn"
         try:
-            store = self.store
-            reserved = (
-                store.reserve_now(meters, estimate, force=warn)
-                if isinstance(store, MemoryBudgetStore)
-                else await store.reserve(meters, estimate, force=warn)
-            )
+            reserved = await self.store.reserve(meters, estimate, force=warn)
         except StoreUnavailable as exc:
             self._store_failed("reserve", exc)
             if self.config.redis_failure == "closed":
@@ -253,14 +248,14 @@ class BudgetTracker:
         charge = self.meters(admission.key, self.clock())
         thresholds = self.config.alerts.thresholds if self.alerts.enabled else ()
         try:
-            store = self.store
-            settled = (
-                store.settle_now(admission.reserved_in, admission.amount, charge, cost or 0,
-                                 counted=cost is not None, thresholds=thresholds)
-                if isinstance(store, MemoryBudgetStore)
-                else await store.settle(admission.reserved_in, admission.amount, charge,
-                                        cost or 0, counted=cost is not None, thresholds=thresholds)
-            )  # fmt: skip
+            settled = await self.store.settle(
+                admission.reserved_in,
+                admission.amount,
+                charge,
+                cost or 0,
+                counted=cost is not None,
+                thresholds=thresholds,
+            )
         except StoreUnavailable as exc:
             self._store_failed("settle", exc)
             if cost:

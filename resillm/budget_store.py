@@ -184,10 +184,6 @@ class MemoryBudgetStore:
             del self._entries[key]
 
     async def reserve(self, meters: Sequence[Meter], amount: int, *, force: bool) -> Reserved:
-        return self.reserve_now(meters, amount, force=force)
-
-    def reserve_now(self, meters: Sequence[Meter], amount: int, *, force: bool) -> Reserved:
-        """:meth:`reserve` without a coroutine (the tracker's path for this store)."""
         entries = [self._entry(m) for m in meters]
         over = [
             m
@@ -210,21 +206,6 @@ class MemoryBudgetStore:
         counted: bool,
         thresholds: Sequence[float],
     ) -> Settled:
-        return self.settle_now(
-            reserved_in, amount, charge, cost, counted=counted, thresholds=thresholds
-        )
-
-    def settle_now(
-        self,
-        reserved_in: Sequence[Meter],
-        amount: int,
-        charge: Sequence[Meter],
-        cost: int,
-        *,
-        counted: bool,
-        thresholds: Sequence[float],
-    ) -> Settled:
-        """:meth:`settle` without a coroutine (the tracker's path for this store)."""
         for meter in reserved_in:
             held = self._entries.get(meter.key)
             if held is not None:

@@ -120,11 +120,9 @@ class MemoryCacheStore:
         self.bytes = 0
 
     def _evict(self) -> None:
-        entries, by_expiry = self._entries, self._by_expiry
+        entries = self._entries
         while entries and (len(entries) > self.max_entries or self.bytes > self.max_bytes):
-            key, entry = entries.popitem(last=False)  # the least recently used
-            del by_expiry[key]
-            self.bytes -= entry.size
+            self._remove(next(iter(entries)))  # the least recently used
 
     def _remove(self, key: str) -> None:
         entry = self._entries.pop(key)
