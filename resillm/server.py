@@ -26,6 +26,7 @@ from resillm.config import Config
 from resillm.config_loader import ConfigError, load_config
 from resillm.gc_freeze import HeapFreezer
 from resillm.hypercorn_fix import release_closed_connections
+from resillm.hypercorn_head import coalesce_response_heads
 from resillm.hypercorn_lean import lighten_hypercorn
 from resillm.log import configure_logging
 
@@ -80,6 +81,7 @@ def hypercorn_config(config: Config, bind: list[str]) -> Any:
 
     release_closed_connections(config.server.send_timeout)
     lighten_hypercorn()
+    coalesce_response_heads()
     hyper = HypercornConfig()
     hyper.bind = bind
     hyper.graceful_timeout = config.server.graceful_timeout
