@@ -29,18 +29,18 @@ _AT_RE = re.compile(r"^(.*) - at `\$\.?(.*)`$", re.S)
 
 
 class _RequestIds:
-    """Unique across processes (a random prefix per process, renewed after a fork) and
-    cheap (a counter): no uuid per request."""
+    """Unique across processes (a random prefix per process, renewed in a forked child) and
+    cheap (a counter): no uuid, and no ``getpid`` system call, per request."""
 
     def __init__(self) -> None:
-        self._pid = 0
-        self._prefix = ""
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self._prefix = f"req_{os.urandom(6).hex()}"
         self._counter = itertools.count(1)
 
     def new(self) -> str:
-        if self._pid != os.getpid():
-            self._pid, self._prefix = os.getpid(), f"req_{os.urandom(6).hex()}"
-            self._counter = itertools.count(1)
         return f"{self._prefix}{next(self._counter):010x}"
 
 

@@ -61,7 +61,9 @@ class MemoryCacheStore:
         self.max_bytes = max_bytes
         self.clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
-        self._by_expiry: OrderedDict[str, None] = OrderedDict()  # soonest to expire first
+        # Soonest to expire first. A plain dict (insertion order): it is only walked by the
+        # sweep, so it needs none of an OrderedDict's reordering, nor its cost per store.
+        self._by_expiry: dict[str, None] = {}
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -100,19 +102,25 @@ class MemoryCacheStore:
         # changes the TTL only makes the sweep stop a little early).
         self._by_expiry[key] = None
         self.bytes += size
-        if len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+        entries = self._entries
+        if len(entries) > self.max_entries and self.bytes <= self.max_bytes:
+            # A full store takes one in, one out: the least recently used, inline.
+            evicted, entry = entries.popitem(last=False)
+            del self._by_expiry[evicted]
+            self.bytes -= entry.size
+        if len(entries) > self.max_entries or self.bytes > self.max_bytes:
             self._evict()
 
     def purge_expired(self) -> int:
         """Drop expired entries; how many went."""
-        now, dropped = self.clock(), 0
-        while self._by_expiry:
-            key = next(iter(self._by_expiry))
+        now, expired = self.clock(), []
+        for key in self._by_expiry:  # one pass: the dict keeps its removed slots up front
             if self._entries[key].expires_at > now:
                 break
+            expired.append(key)
+        for key in expired:
             self._remove(key)
-            dropped += 1
-        return dropped
+        return len(expired)
 
     def clear(self) -> None:
         self._entries.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import msgspec
@@ -183,6 +184,46 @@ async def test_memory_resize_evicts_down_to_the_new_bounds() -> None:
         await store.set(key, b"1", ttl_s=60)
     store.resize(max_entries=2, max_bytes=10**6)
     assert len(store) == 2 and await store.get("e") == b"1"
+
+
+def test_memory_store_matches_a_plain_lru_through_long_churn() -> None:
+    """Thousands of stores, reads (which reorder), expiries and sweeps against a reference
+    model: the same entries kept, evicted and expired, and the byte count exact."""
+    clock = FakeClock()
+    store = MemoryCacheStore(max_entries=50, max_bytes=50 * 200, clock=clock)
+    model: dict[str, tuple[bytes, float]] = {}  # least recently used first
+    rng = random.Random(7)
+    for step in range(20000):
+        key = f"k{rng.randrange(120)}"
+        action = rng.random()
+        if action < 0.5:
+            value = b"v" * rng.randrange(1, 60)
+            store.set_now(key, value, ttl_s=30)
+            model.pop(key, None)
+            model[key] = (value, clock.now + 30)
+            while (
+                len(model) > 50
+                or sum(len(k) + len(v) + ENTRY_OVERHEAD_BYTES for k, (v, _) in model.items())
+                > 50 * 200
+            ):
+                del model[next(iter(model))]
+        elif action < 0.9:
+            expected = model.get(key)
+            if expected is not None and expected[1] <= clock.now:
+                del model[key]
+                expected = None
+            elif expected is not None:
+                model[key] = model.pop(key)  # read: now the most recent
+            assert store.get_now(key) == (expected[0] if expected else None), step
+        elif action < 0.98:
+            clock.now += rng.random() * 3
+        else:
+            gone = [k for k, (_, at) in model.items() if at <= clock.now]
+            assert store.purge_expired() == len(gone), step
+            for k in gone:
+                del model[k]
+        assert len(store) == len(model), step
+    assert store.bytes == sum(len(k) + len(v) + ENTRY_OVERHEAD_BYTES for k, (v, _) in model.items())
 
 
 # -- assembly ------------------------------------------------------------------------------

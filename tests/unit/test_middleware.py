@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -750,3 +751,20 @@ async def test_errors_are_logged_when_level_is_warning(caplog: pytest.LogCapture
     recorder = await call(gateway_stack(Endpoint(raises=ModelNotFound("no such model"))))
     assert recorder.status == 404
     assert [fields["status"] for fields in access_records(caplog)] == [404]
+
+
+def test_request_ids_are_unique_and_a_forked_worker_gets_its_own_prefix() -> None:
+    from middleware.request import new_request_id
+
+    first, second = new_request_id(), new_request_id()
+    assert first != second and first[:16] == second[:16]  # one process: one prefix
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker forked after ids were made here
+        os.write(write_end, new_request_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    forked = os.read(read_end, 100).decode()
+    os.close(read_end)
+    assert forked.startswith("req_") and forked[:16] != first[:16]
