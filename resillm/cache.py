@@ -23,7 +23,14 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
-from resillm.cache_answer import CachedAnswer, Stored, answer_decoder, answer_encoder, readable
+from resillm.cache_answer import (
+    CachedAnswer,
+    CachedBody,
+    Stored,
+    answer_decoder,
+    answer_encoder,
+    readable,
+)
 from resillm.cache_store import CacheStore, CacheUnavailable, MemoryCacheStore, RedisCacheStore
 from resillm.config import CacheConfig
 
@@ -46,6 +53,7 @@ IGNORED_FIELDS = frozenset(
 )
 KEY_VERSION = b"v2"  # bump when the key or the stored answer changes shape
 SWEEP_INTERVAL_S = 60.0
+BODY_OVERHEAD = 100  # a CachedBody kept in memory, besides its strings: the struct, headers
 _key_encoder = msgspec.json.Encoder(order="sorted")
 
 Result = Literal["hit", "miss", "error"]
@@ -169,6 +177,9 @@ class ResponseCache:
         self.memory.clear()
 
     async def get(self, key: str) -> Lookup:
+        found = self.get_now(key)
+        if found is not None:
+            return found
         try:
             value = await self.store.get(key)
         except CacheUnavailable:
@@ -183,14 +194,18 @@ class ResponseCache:
         value = self.memory.get_now(key)
         return MISSED if value is None else self._found(key, value)
 
-    def _found(self, key: str, value: bytes | None) -> Lookup:
+    def _found(self, key: str, value: bytes | CachedBody | None) -> Lookup:
         if value is None:
             return Lookup(None, "miss")
-        try:
-            answer = readable(answer_decoder.decode(value))
-        except msgspec.DecodeError:  # written by another version: treat as absent
-            logger.debug("cache: unreadable entry %s ignored", key)
-            return Lookup(None, "miss")
+        if isinstance(value, CachedBody):
+            stored: Stored = value  # kept in memory as it was: nothing to decode
+        else:
+            try:
+                stored = answer_decoder.decode(value)
+            except msgspec.DecodeError:  # written by another version: treat as absent
+                logger.debug("cache: unreadable entry %s ignored", key)
+                return Lookup(None, "miss")
+        answer = readable(stored)
         return Lookup(None, "miss") if answer is None else Lookup(answer, "hit")
 
     async def put(self, key: str, answer: Stored) -> None:
@@ -202,10 +217,18 @@ class ResponseCache:
 
     def put_now(self, key: str, answer: Stored) -> bool:
         """:meth:`put` with no coroutine when the store is the memory one; False when it is
-        remote (then :meth:`put`)."""
+        remote (then :meth:`put`).
+
+        The memory store keeps a JSON answer's body as the object it is (the bytes the
+        client was sent, shared, not copied into an encoding: most stored answers are never
+        asked for again); a stream's assembled answer is encoded, compact and sized."""
         if self.redis is not None:
             return False
-        self.memory.set_now(key, answer_encoder.encode(answer), self.config.ttl)
+        if type(answer) is CachedBody:
+            size = len(answer.body) + len(answer.model) + len(answer.provider) + BODY_OVERHEAD
+            self.memory.set_now(key, answer, self.config.ttl, size)
+        else:
+            self.memory.set_now(key, answer_encoder.encode(answer), self.config.ttl)
         return True
 
     async def _sweep(self) -> None:

@@ -3,7 +3,8 @@
 One canonical shape (:class:`CachedAnswer`) serves both kinds of client: it is assembled
 from a JSON answer or from the SSE chunks of a stream as they pass by, and replayed as a
 ``chat.completion`` JSON body or as a synthesised ``chat.completion.chunk`` stream, whichever
-the client asked for. Stored compactly with ``msgspec.msgpack`` (structs as arrays).
+the client asked for. Stored compactly with ``msgspec.msgpack`` (structs as arrays); a JSON
+answer is stored as its body (:class:`CachedBody`), in memory as the object itself.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class CacheStore(Protocol):
 
 
 class _Entry(NamedTuple):
-    value: bytes
+    value: Any  # bytes, or an object the caller sized (kept as is: never copied or encoded)
     expires_at: float
     size: int
 
@@ -74,13 +74,15 @@ class MemoryCacheStore:
         self._evict()
 
     async def get(self, key: str) -> bytes | None:
-        return self.get_now(key)
+        value = self.get_now(key)
+        return value if value is None or isinstance(value, bytes) else None  # bytes only
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         self.set_now(key, value, ttl_s)
 
-    def get_now(self, key: str) -> bytes | None:
-        """:meth:`get` without a coroutine (the cache layer's path when this is the store)."""
+    def get_now(self, key: str) -> Any:
+        """:meth:`get` without a coroutine (the cache layer's path when this is the store):
+        the value as stored, ``None`` when absent or expired."""
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -90,8 +92,10 @@ class MemoryCacheStore:
         self._entries.move_to_end(key)
         return entry.value
 
-    def set_now(self, key: str, value: bytes, ttl_s: float) -> None:
-        size = len(key) + len(value) + ENTRY_OVERHEAD_BYTES
+    def set_now(self, key: str, value: Any, ttl_s: float, size: int | None = None) -> None:
+        """:meth:`set` without a coroutine. ``value`` may be any object when its ``size``
+        (in bytes, for ``max_bytes``) is given: it is kept as it is."""
+        size = len(key) + (len(value) if size is None else size) + ENTRY_OVERHEAD_BYTES
         if key in self._entries:
             self._remove(key)
         if size > self.max_bytes:

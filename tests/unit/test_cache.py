@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from resillm.cache import IGNORED_FIELDS, Flights, ResponseCache, cache_key
+from resillm.cache import BODY_OVERHEAD, IGNORED_FIELDS, Flights, ResponseCache, cache_key
 from resillm.cache_answer import (
     AnswerRecorder,
     CachedAnswer,
@@ -436,6 +436,23 @@ async def test_a_stored_json_body_is_read_into_its_answer_when_found() -> None:
     found = await cache.get("k")
     assert found == (
         CachedAnswer("m-2", "p", [CachedChoice(0, "hi", None, None, "stop")], USAGE, "fp"),
+        "hit",
+    )
+
+
+def test_the_memory_store_keeps_a_json_body_as_it_is_and_counts_its_size() -> None:
+    body = (
+        b'{"model":"m","choices":[{"index":0,"message":{"content":"hi"},"finish_reason":"stop"}]}'
+    )
+    cache = ResponseCache(CacheConfig(enabled=True))
+    assert cache.put_now("k", CachedBody("m", "p", body))
+    kept = cache.memory.get_now("k")
+    assert isinstance(kept, CachedBody) and kept.body is body  # not copied, not encoded
+    assert cache.memory.bytes == len("k") + len(body) + 2 + BODY_OVERHEAD + ENTRY_OVERHEAD_BYTES
+    assert cache.put_now("s", TEXT)  # a stream's assembled answer: encoded, sized exactly
+    assert cache.memory.get_now("s") == answer_encoder.encode(TEXT)
+    assert cache.get_now("k") == (
+        CachedAnswer("m", "p", [CachedChoice(0, "hi", None, None, "stop")], None, None),
         "hit",
     )
 
