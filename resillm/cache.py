@@ -53,7 +53,7 @@ IGNORED_FIELDS = frozenset(
 )
 KEY_VERSION = b"v2"  # bump when the key or the stored answer changes shape
 SWEEP_INTERVAL_S = 60.0
-BODY_OVERHEAD = 100  # a CachedBody kept in memory, besides its strings: the struct, headers
+BODY_OVERHEAD = 100  # a CachedBody kept in memory, besides its strings' lengths: objects
 _key_encoder = msgspec.json.Encoder(order="sorted")
 
 Result = Literal["hit", "miss", "error"]

@@ -5,7 +5,7 @@ the app sends ``http.response.start``, and its body in a second write when the a
 ``http.response.body``: two ``send`` system calls for every answer, and the client, seeing
 the head arrive alone, often wakes up twice. Here the head is held back and goes out with
 whatever the connection writes next (a JSON answer's whole body, a stream's first chunk, an
-error's empty end) in one ``writelines``. A head with nothing after it (a stream that sent
+error's empty end) in one write. A head with nothing after it (a stream that sent
 ``http.response.start`` and waits for its first chunk) is not delayed by more than that: it
 is written at the event loop's next turn, and before the connection closes.
 
