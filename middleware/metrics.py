@@ -34,7 +34,7 @@ class MetricsMiddleware:
         metrics = self.metrics
         status = 0  # the error's, for a request that raised before its response started
         started = time.monotonic()
-        metrics.inflight.inc({})
+        metrics.inflight_now += 1
         try:
             await self.app(scope, receive, send)
         except GatewayError as exc:
@@ -44,7 +44,7 @@ class MetricsMiddleware:
             status = 500
             raise
         finally:
-            metrics.inflight.dec({})
+            metrics.inflight_now -= 1
             ctx: RequestContext | None = scope.get(SCOPE_KEY)
             if ctx is not None:
                 duration_s = time.monotonic() - started
@@ -55,16 +55,15 @@ class MetricsMiddleware:
 
 
 def record(metrics: Metrics, ctx: RequestContext, status: int, duration_s: float) -> None:
-    # Counters go through ``metrics.count`` (flushed at scrape time); histograms observe now.
+    # Counters and histograms go through ``metrics`` (flushed at scrape time).
     model = ctx.alias or NONE
     provider = ctx.provider or NONE
     by_target = (("model", model), ("provider", provider))
     count = metrics.count
     count(metrics.requests, (*by_target, ("status", str(status))))
-    labels = {"model": model, "provider": provider}
-    metrics.request_duration.observe(labels, duration_s)
+    metrics.observe(metrics.request_duration, by_target, duration_s)
     if ctx.ttft_s is not None:
-        metrics.ttft.observe(labels, ctx.ttft_s)
+        metrics.observe(metrics.ttft, by_target, ctx.ttft_s)
     for attempt_provider, attempt_model, outcome, is_retry in ctx.attempt_log:
         attempt = (("model", attempt_model), ("provider", attempt_provider))
         count(metrics.upstream_attempts, (*attempt, ("outcome", outcome)))

@@ -8,8 +8,11 @@ provider names, target ids, statuses, outcomes — never request ids or raw path
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
+from typing import cast
 
+from aioprometheus import histogram as aggregates
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
 from aioprometheus.renderer import render
 
@@ -47,6 +50,20 @@ def attempt_outcome(error: UpstreamError | None) -> str:
     return "error"
 
 
+class _Observed:
+    """Observations of one histogram's label set not flushed yet: a count per bucket (each
+    value in the first bucket that holds it), their sum and number."""
+
+    __slots__ = ("bounds", "counts", "histogram", "number", "sum")
+
+    def __init__(self, histogram: Histogram, bounds: list[float]) -> None:
+        self.histogram = histogram
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.number = 0
+
+
 class Metrics:
     """Every collector the gateway exports. Owned by the gateway, so it survives reloads."""
 
@@ -55,6 +72,12 @@ class Metrics:
         # into aioprometheus, whose own ``inc`` checks and JSON-encodes labels every time.
         self._pending: dict[tuple[str, Labels], float] = {}
         self._counters: dict[str, Counter] = {}
+        # Histogram observations likewise, bucketed with one bisect: aioprometheus's own
+        # ``observe`` JSON-encodes the labels and walks every bucket in Python each time.
+        self._observed: dict[tuple[str, Labels], _Observed] = {}
+        self._bounds: dict[str, list[float]] = {}
+        # Requests being served now: set into resillm_inflight_requests at each scrape.
+        self.inflight_now = 0
         self._render_hooks: list[Callable[[], None]] = [self.flush]
         self.registry = registry = Registry()
         self.requests = Counter(
@@ -138,10 +161,34 @@ class Metrics:
         if len(pending) > MAX_PENDING:
             self.flush()
 
+    def observe(self, histogram: Histogram, labels: Labels, value: float) -> None:
+        """Observe ``value`` into ``histogram`` cheaply; visible at the next scrape (or
+        ``flush``), counted exactly as aioprometheus counts it."""
+        key = (histogram.name, labels)
+        observed = self._observed.get(key)
+        if observed is None:
+            if len(self._observed) >= MAX_PENDING:
+                self.flush()
+            observed = self._observed[key] = _Observed(histogram, self._bounds_of(histogram))
+        observed.counts[bisect_left(observed.bounds, value)] += 1
+        observed.sum += value
+        observed.number += 1
+
+    def _bounds_of(self, histogram: Histogram) -> list[float]:
+        bounds = self._bounds.get(histogram.name)
+        if bounds is None:  # the aggregator's own buckets: as floats, +Inf added
+            bounds = list(aggregates.Histogram(*histogram.upper_bounds).buckets)
+            self._bounds[histogram.name] = bounds
+        return bounds
+
     def flush(self) -> None:
         pending, self._pending = self._pending, {}
         for (name, labels), amount in pending.items():
             self._counters[name].add(dict(labels), amount)
+        observed, self._observed = self._observed, {}
+        for (_, labels), batch in observed.items():
+            _add_observed(batch, dict(labels))
+        self.inflight.set({}, self.inflight_now)
 
     def on_render(self, hook: Callable[[], None]) -> None:
         """``hook`` brings its gauges up to date just before each scrape, so a figure that
@@ -156,3 +203,21 @@ class Metrics:
 
     def circuit_changed(self, target_id: str, state: int) -> None:
         self.circuit_state.set({"target": target_id}, state)
+
+
+def _add_observed(batch: _Observed, labels: dict[str, str]) -> None:
+    """Add a batch to its label set's aggregator: each bucket counts every value at or
+    below its bound (cumulative), as ``aioprometheus.histogram.Histogram.observe`` does."""
+    histogram = batch.histogram
+    try:
+        aggregate = cast(aggregates.Histogram, histogram.get_value(labels))
+    except KeyError:
+        aggregate = aggregates.Histogram(*histogram.upper_bounds)
+        histogram.set_value(labels, aggregate)  # as its own ``add`` does
+    running = 0
+    for bound, count in zip(aggregate.buckets, batch.counts, strict=True):
+        running += count
+        if running:
+            aggregate.buckets[bound] += running
+    aggregate.sum += batch.sum
+    aggregate.observations += batch.number
