@@ -16,8 +16,9 @@ the app does. A request's receive side sees a handful of events (its body, then
   deque.
 - The WSGI helpers hypercorn makes per request (two closures) are not made for an ASGI app,
   which never receives them.
-- :class:`IdleTimer` keeps a connection's keep-alive watch as a timer instead of two tasks
-  made and cancelled on every request (a CPU cost, not a memory one).
+- :class:`IdleTimer` keeps a connection's keep-alive watch as an entry in the worker's
+  :class:`IdleConnections` (one loop timer for them all) instead of two tasks made and
+  cancelled on every request.
 
 Guarded by ``tests/unit/test_hypercorn_lean.py``, and by integration tests that check
 hypercorn still uses them: should hypercorn's internals change, the patch is skipped.
@@ -32,6 +33,7 @@ from functools import partial
 from typing import Any
 
 _PATCHED = "_resillm_mailbox"
+_IDLE = "_resillm_idle_connections"  # a worker context's IdleConnections
 
 
 class Mailbox:
@@ -159,63 +161,117 @@ class LeanEvent:
 
 
 class IdleTimer:
-    """hypercorn's keep-alive idle watch (``TCPServer.idle_task``) as a timer, not a task.
+    """hypercorn's keep-alive idle watch (``TCPServer.idle_task``), as an entry in the
+    worker's :class:`IdleConnections` instead of a task.
 
     hypercorn restarts the watch each time a connection turns idle (a response ended) and
     stops it when a request begins: a task awaiting ``wait_for`` (a second task) on the
     worker's ``terminated`` event, cancelled and awaited again at the next request, two
-    tasks and two cancellations a request. Here the same watch is a loop timer for
-    ``keep_alive_timeout`` and a future on ``terminated`` (a :class:`LeanEvent`); either
-    closes the connection as hypercorn's task would. An ``action`` that is not that watch
+    tasks and two cancellations a request. Here restarting notes the connection's deadline
+    and stopping forgets it: two dict operations. An ``action`` that is not that watch
     runs as hypercorn runs it: as a task, cancelled and awaited on restart or stop.
     """
 
-    __slots__ = ("_handle", "_task", "_terminated", "_waiter")
+    __slots__ = ("_idle", "_task")
 
     def __init__(self) -> None:
-        self._handle: asyncio.TimerHandle | None = None
-        self._terminated: LeanEvent | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._idle: IdleConnections | None = None  # the worker's, while this one is idle
         self._task: asyncio.Task[Any] | None = None
 
     async def restart(self, task_group: Any, action: Callable[[], Any]) -> None:
         await self.stop()
         server: Any = getattr(action, "__self__", None)
-        terminated = getattr(getattr(server, "context", None), "terminated", None)
+        context: Any = getattr(server, "context", None)
         if getattr(action, "__name__", "") != "_idle_timeout" or not isinstance(
-            terminated, LeanEvent
+            getattr(context, "terminated", None), LeanEvent
         ):
             self._task = task_group._task_group.create_task(action())
             return
-        close = partial(self._close, task_group, server)
-        loop = asyncio.get_running_loop()
-        self._handle = loop.call_later(server.config.keep_alive_timeout, close)
-        self._terminated, self._waiter = terminated, terminated.waiter()
-        self._waiter.add_done_callback(lambda _: close())
+        idle = getattr(context, _IDLE, None)
+        if idle is None:
+            idle = IdleConnections(context.terminated)
+            setattr(context, _IDLE, idle)
+        self._idle = idle
+        idle.add(self, server, task_group)
 
     async def stop(self) -> None:
-        self._cancel()
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            idle.discard(self)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _cancel(self) -> None:
+
+class IdleConnections:
+    """One worker's idle keep-alive connections, each with its deadline, and one loop timer
+    for the soonest: a connection idle for ``keep_alive_timeout`` is closed as hypercorn's
+    watch would close it, and every idle one at once when the worker stops (one future on
+    its ``terminated`` event for them all)."""
+
+    __slots__ = ("_at", "_deadlines", "_handle", "_loop", "_stopping")
+
+    def __init__(self, terminated: LeanEvent) -> None:
+        self._loop = asyncio.get_running_loop()
+        # watch -> (deadline, server, task group); in order of deadline, as every
+        # connection of a worker has the same keep_alive_timeout and is added when idle.
+        self._deadlines: dict[IdleTimer, tuple[float, Any, Any]] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0  # when the armed timer fires
+        self._stopping = terminated.waiter()
+        self._stopping.add_done_callback(self._close_all)
+
+    def __len__(self) -> int:
+        return len(self._deadlines)
+
+    def add(self, watch: IdleTimer, server: Any, task_group: Any) -> None:
+        if self._stopping.done():  # the worker is stopping: an idle connection goes now
+            _close(server, task_group)
+            return
+        deadline = self._loop.time() + server.config.keep_alive_timeout
+        self._deadlines[watch] = (deadline, server, task_group)
+        if self._handle is None or deadline < self._at:
+            self._arm(deadline)
+
+    def discard(self, watch: IdleTimer) -> None:
+        self._deadlines.pop(watch, None)  # an armed timer that finds nothing due is harmless
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._at, self._handle = when, self._loop.call_at(when, self._sweep)
+
+    def _sweep(self) -> None:
+        self._handle = None
+        now = self._loop.time()
+        due = []
+        for watch, (deadline, _, _) in self._deadlines.items():
+            if deadline > now:
+                break
+            due.append(watch)
+        for watch in due:
+            _, server, task_group = self._deadlines.pop(watch)
+            watch._idle = None
+            _close(server, task_group)
+        if self._deadlines:
+            self._arm(next(iter(self._deadlines.values()))[0])
+
+    def _close_all(self, _: object) -> None:
+        deadlines, self._deadlines = self._deadlines, {}
+        for watch, (_, server, task_group) in deadlines.items():
+            watch._idle = None
+            _close(server, task_group)
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        if self._waiter is not None and self._terminated is not None:
-            self._terminated.forget(self._waiter)  # never done now: its callback never runs
-        self._waiter = self._terminated = None
 
-    def _close(self, task_group: Any, server: Any) -> None:
-        if self._handle is None:
-            return  # stopped (or already closing) before this ran
-        self._cancel()
-        # What hypercorn's watch does once the connection was idle too long, or the worker
-        # is stopping; shielded there from the watch's own cancellation, so not kept here.
-        task_group._task_group.create_task(server._initiate_server_close())
+
+def _close(server: Any, task_group: Any) -> None:
+    # What hypercorn's watch does once the connection was idle too long, or the worker is
+    # stopping; shielded there from the watch's own cancellation, so not kept here.
+    task_group._task_group.create_task(server._initiate_server_close())
 
 
 def lighten_hypercorn() -> None:

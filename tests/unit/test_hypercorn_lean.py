@@ -170,10 +170,40 @@ async def test_a_request_stops_the_watch_and_leaves_nothing_behind() -> None:
     server, timer = IdleServer(0.05), IdleTimer()
     await timer.restart(server.group, server._idle_timeout)
     await timer.stop()
-    assert server.context.terminated._waiters == []  # nothing kept on the worker's event
-    await server.context.terminated.set()
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # past its keep-alive timeout: it is busy, not idle
     assert server.closes == 0
+    await server.context.terminated.set()
+    await asyncio.sleep(0.01)
+    assert server.closes == 0
+
+
+async def test_many_connections_share_one_watch_and_keep_nothing_when_busy() -> None:
+    first = IdleServer(60.0)
+    context = first.context  # one worker: every connection has its context
+    servers = [first] + [IdleServer(60.0) for _ in range(99)]
+    timers = [IdleTimer() for _ in servers]
+    for _ in range(3):  # idle, busy, idle...: what keep-alive connections do per request
+        for server, timer in zip(servers, timers, strict=True):
+            server.context = context
+            await timer.restart(server.group, server._idle_timeout)
+        for timer in timers:
+            await timer.stop()
+    assert len(context.terminated._waiters) == 1  # the worker's one, not one a connection
+    assert len(context._resillm_idle_connections) == 0
+    assert sum(server.closes for server in servers) == 0
+
+
+async def test_idle_connections_close_in_turn_each_after_its_own_timeout() -> None:
+    early, late = IdleServer(0.3), IdleServer(0.3)
+    late.context = early.context
+    early_timer, late_timer = IdleTimer(), IdleTimer()
+    await early_timer.restart(early.group, early._idle_timeout)
+    await asyncio.sleep(0.15)
+    await late_timer.restart(late.group, late._idle_timeout)
+    await asyncio.sleep(0.2)  # early's deadline (0.3 s) passed, late's (0.45 s) not yet
+    assert (early.closes, late.closes) == (1, 0)
+    await asyncio.sleep(0.25)
+    assert (early.closes, late.closes) == (1, 1)
 
 
 async def test_a_stopping_worker_closes_idle_connections_at_once() -> None:
